@@ -1,0 +1,55 @@
+# Developer entry points. `make test` and `make stress` bootstrap everything they need.
+
+PYTHON ?= python3
+VENV ?= .venv
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+export AMQP_URL
+
+PYTEST_ARGS ?=
+STRESS_ARGS ?=
+BENCH_ARGS ?=
+
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Only lint the directories that exist (stress/ lands later).
+LINT_PATHS := $(wildcard src tests stress)
+
+.PHONY: venv rabbitmq lint test stress bench clean
+
+venv: $(STAMP)
+
+# Re-install whenever pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(VENV_PY)" ]; then \
+		echo "Creating $(VENV) with $(PYTHON)"; \
+		$(PYTHON) -m venv "$(VENV)"; \
+	fi
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e '.[test,stress]'
+	@touch "$(STAMP)"
+
+rabbitmq:
+	@scripts/ensure-rabbitmq
+
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+test: venv rabbitmq lint
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+stress: venv rabbitmq
+	@if [ ! -f stress/run.py ]; then \
+		echo "stress/run.py does not exist yet: the stress harness has not landed." >&2; \
+		exit 1; \
+	fi
+	$(VENV_PY) -m stress.run $(STRESS_ARGS)
+
+bench: venv rabbitmq
+	@if [ ! -f stress/bench.py ]; then \
+		echo "stress/bench.py does not exist yet: the benchmark harness has not landed." >&2; \
+		exit 1; \
+	fi
+	$(VENV_PY) -m stress.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf "$(VENV)" build dist .pytest_cache .ruff_cache
+	find . -path ./.git -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +

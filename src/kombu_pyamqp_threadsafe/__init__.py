@@ -1,0 +1,34 @@
+"""Thread-safe kombu pyamqp transport: many threads, one AMQP connection, one channel each."""
+
+from .channel import Channel
+from .connection import Connection
+from .errors import (
+    ChannelOwnershipError,
+    ChannelPoolLimitError,
+    ConnectionClosedError,
+    ConnectionLostError,
+)
+from .kombu_connection import KombuConnection
+from .pool import ChannelPool, PooledChannel
+from .transport import (
+    SSLTransport,
+    Transport,
+    add_shared_amqp_transport,
+    monkeypatch_pyamqp_transport,
+)
+
+__all__ = [
+    "Channel",
+    "ChannelOwnershipError",
+    "ChannelPool",
+    "ChannelPoolLimitError",
+    "Connection",
+    "ConnectionClosedError",
+    "ConnectionLostError",
+    "KombuConnection",
+    "PooledChannel",
+    "SSLTransport",
+    "Transport",
+    "add_shared_amqp_transport",
+    "monkeypatch_pyamqp_transport",
+]

@@ -1,0 +1,137 @@
+"""A kombu pyamqp channel that belongs to one thread.
+
+The reader thread puts every method for this channel into the owner's inbox; the owner
+dispatches it when it waits. A thread that is not the owner may send methods that have no
+reply (acks, nacks, rejects, publishes without confirms) but may not wait for a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from time import monotonic
+from typing import Any
+
+from amqp.exceptions import MessageNacked, RecoverableConnectionError
+from kombu.transport import pyamqp
+
+from .errors import ChannelOwnershipError
+from .inbox import Inbox
+
+logger = logging.getLogger(__name__)
+
+
+class Channel(pyamqp.Channel):
+    """kombu's pyamqp channel with an owner thread and per-message publisher confirms."""
+
+    _inbox: Inbox
+
+    def __init__(self, connection: Any, channel_id: int | None = None, **kwargs: Any) -> None:
+        # Set before the channel can receive anything: the reader routes by this inbox.
+        self._inbox = connection._current_inbox()
+        self._publish_seq = 0
+        self._unconfirmed: dict[int, bool | None] = {}
+        super().__init__(connection, channel_id, **kwargs)
+
+    @property
+    def owner(self) -> threading.Thread:
+        """The thread that receives this channel's replies and deliveries."""
+        return self._inbox.thread
+
+    def adopt(self) -> None:
+        """Make the calling thread the owner (a pool hands the channel to a new thread).
+
+        Replies that arrive from now on go to the caller. The previous owner is woken so a
+        wait of its own on this channel notices the change instead of blocking on.
+        """
+        connection = self.connection
+        if connection is None:
+            return
+        inbox = connection._current_inbox()
+        previous, self._inbox = self._inbox, inbox
+        if previous is not inbox:
+            previous.wake()
+
+    def _check_owner(self) -> None:
+        connection = self.connection
+        if connection is not None and self._inbox is not connection._thread_inbox():
+            raise ChannelOwnershipError(
+                f"channel {self.channel_id} belongs to thread {self._inbox.thread.name!r}; "
+                f"thread {threading.current_thread().name!r} cannot wait for its replies "
+                "(open a channel in this thread, or take one from the channel pool)"
+            )
+
+    # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
+    # because replies are delivered to the owner's inbox.
+    def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
+             returns_tuple: bool = False) -> Any:
+        self._check_owner()
+        return super().wait(method, callback=callback, timeout=timeout,
+                            returns_tuple=returns_tuple)
+
+    # Upstream: closes from the calling thread, which then waits for CloseOk. Here the closing
+    # thread first takes ownership so the CloseOk reaches it (dramatiq closes consumers from the
+    # main thread while their own thread is blocked in drain_events).
+    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
+              argsig: str = "BsBB") -> Any:
+        if self.is_open:
+            self.adopt()
+        return super().close(reply_code, reply_text, method_sig, argsig)
+
+    # Upstream: logs a warning for every method that arrives while the channel closes (for
+    # example deliveries already in flight). Those are expected; drop them quietly.
+    def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> Any:
+        if self.is_closing and method_sig not in self._ALLOWED_METHODS_WHEN_CLOSING:
+            logger.debug("channel %s closing: dropped %s", self.channel_id, method_sig)
+            return None
+        return super().dispatch_method(method_sig, payload, content)
+
+    # Upstream: waits for "the next" basic.ack/basic.nack on the channel, whichever message it
+    # confirms, so a late confirm of an earlier publish (one that was returned unroutable, or
+    # interrupted) would complete the next publish before the broker has it. Here each publish
+    # waits for the confirm of its own delivery tag.
+    def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
+        confirm_timeout = kwargs.pop("confirm_timeout", None)
+        self._check_owner()
+        if not self._confirm_selected:
+            self._confirm_selected = True
+            self._publish_seq = 0
+            self._unconfirmed.clear()
+            self.events["basic_ack"].add(self._on_confirm_ack)
+            self.events["basic_nack"].add(self._on_confirm_nack)
+            self.confirm_select()
+        result = self._basic_publish(*args, **kwargs)
+        self._publish_seq += 1
+        seq = self._publish_seq
+        self._unconfirmed[seq] = None
+        try:
+            self._wait_for_confirm(seq, confirm_timeout or kwargs.get("timeout"))
+        finally:
+            outcome = self._unconfirmed.pop(seq, None)
+        if outcome is False:
+            raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
+        return result
+
+    def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else monotonic() + timeout
+        while self._unconfirmed.get(seq) is None:
+            connection = self.connection
+            if connection is None:
+                raise RecoverableConnectionError("channel closed while waiting for a confirm")
+            remaining = None if deadline is None else max(0.0, deadline - monotonic())
+            connection.drain_events(timeout=remaining)
+
+    def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, True)
+
+    def _on_confirm_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, False)
+
+    def _settle(self, delivery_tag: int, multiple: bool, outcome: bool) -> None:
+        unconfirmed = self._unconfirmed
+        if multiple:
+            for seq in [s for s, v in unconfirmed.items() if s <= delivery_tag and v is None]:
+                unconfirmed[seq] = outcome
+        elif delivery_tag in unconfirmed:
+            unconfirmed[delivery_tag] = outcome
+

@@ -1,0 +1,331 @@
+"""A py-amqp connection that many threads share.
+
+After the handshake one :class:`~.reader.Reader` thread owns every read from the socket. It
+routes each method to the inbox of the thread that owns the method's channel; that thread
+dispatches it when it next waits (``drain_events``, a reply, a confirm). Writes go through
+:class:`~.frames.FrameWriter`, one whole message under one lock. So a broker error on a
+channel (a passive declare of a missing queue closes it) is raised in the thread that owns
+the channel and nowhere else, and a publisher never waits behind a thread that is reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import weakref
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from amqp import spec
+from amqp import transport as amqp_transport
+from amqp.exceptions import AMQPError, error_for_code
+from amqp.exceptions import ConnectionError as AMQPConnectionError
+from kombu.transport import pyamqp
+
+from .channel import Channel
+from .errors import ConnectionClosedError, ConnectionLostError, Failure
+from .frames import FrameWriter
+from .inbox import Inbox
+from .reader import Reader
+
+logger = logging.getLogger(__name__)
+
+#: How long close() waits for the server's Close-Ok before dropping the socket anyway.
+CLOSE_TIMEOUT = 5.0
+#: How long teardown waits for the reader thread to notice the socket is gone.
+READER_JOIN_TIMEOUT = 5.0
+
+
+class _SharedSocketMixin:
+    """Transport whose socket timeout is not changed per call once threads share it.
+
+    Upstream ``having_timeout`` sets the socket's timeout around one call (a publish with
+    ``timeout=``). On a socket that other threads write to at the same moment that would
+    time out their writes half-way through a message. Once shared, the requested timeout
+    bounds how long a writer waits for its turn to write instead (see FrameWriter).
+    """
+
+    shared = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_timeouts = threading.local()
+
+    @contextmanager
+    def having_timeout(self, timeout: float | None) -> Any:
+        if not self.shared:
+            with super().having_timeout(timeout) as sock:  # type: ignore[misc]
+                yield sock
+            return
+        local = self.write_timeouts
+        previous = getattr(local, "value", None)
+        local.value = timeout
+        try:
+            yield self.sock
+        finally:
+            local.value = previous
+
+
+class TCPTransport(_SharedSocketMixin, amqp_transport.TCPTransport):
+    """Plain TCP transport for a shared connection."""
+
+
+class SSLTransport(_SharedSocketMixin, amqp_transport.SSLTransport):
+    """TLS transport for a shared connection."""
+
+
+class Connection(pyamqp.Connection):
+    """kombu's pyamqp connection, safe to share between threads; each thread owns its channels."""
+
+    Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("frame_writer", FrameWriter)
+        super().__init__(*args, **kwargs)
+        # Guards _inboxes and the first assignment of _failure (so every inbox that exists
+        # when the connection fails is woken exactly once).
+        self._inboxes_lock = threading.Lock()
+        self._inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
+        # Guards channel id allocation (upstream's check-then-append on _used_channel_ids).
+        self._channel_ids_lock = threading.Lock()
+        self._local = threading.local()
+        self._failure: Failure | None = None
+        self._reader: Reader | None = None
+        self._close_ok = threading.Event()
+        _live_connections.add(self)
+
+    # -- inboxes ---------------------------------------------------------------------------
+
+    def _current_inbox(self) -> Inbox:
+        """The calling thread's inbox on this connection, created on first use."""
+        inbox = getattr(self._local, "inbox", None)
+        if inbox is None:
+            inbox = self._local.inbox = Inbox()
+            with self._inboxes_lock:
+                self._inboxes.add(inbox)
+        return inbox
+
+    def _thread_inbox(self) -> Inbox | None:
+        return getattr(self._local, "inbox", None)
+
+    # -- connect ---------------------------------------------------------------------------
+
+    # Upstream: builds amqp.transport.Transport. Here the same transports, with per-call socket
+    # timeouts disabled once the socket is shared.
+    def Transport(self, host: str, connect_timeout: float | None, ssl: Any = False,  # noqa: N802
+                  read_timeout: float | None = None, write_timeout: float | None = None,
+                  socket_settings: Any = None, **kwargs: Any) -> Any:
+        cls = SSLTransport if ssl else TCPTransport
+        return cls(host, connect_timeout=connect_timeout, ssl=ssl, read_timeout=read_timeout,
+                   write_timeout=write_timeout, socket_settings=socket_settings, **kwargs)
+
+    # Upstream: the handshake, after which every thread reads the socket itself. Here the
+    # handshake runs as upstream in the calling thread, then the reader thread takes over.
+    def connect(self, callback: Any = None) -> Any:
+        if self._failure is not None:
+            raise self._failure.for_caller()
+        if self.connected:
+            return callback() if callback else None
+        super().connect(callback)
+        self._start_reader()
+        return None
+
+    def _start_reader(self) -> None:
+        transport = self.transport
+        sock = transport.sock
+        sock.settimeout(None)
+        initial = bytes(getattr(transport, "_read_buffer", b""))
+        transport._read_buffer = b""
+        transport.shared = True
+        self._reader = Reader(
+            self, sock, initial, float(self.heartbeat or 0), self.frame_writer,
+            name=f"amqp-reader-{self.host}",
+        )
+        self._reader.start()
+
+    # -- routing and waiting ---------------------------------------------------------------
+
+    # Upstream: dispatches every method in the thread that read it. Here the reader dispatches
+    # only connection-level methods (channel 0) and hands the rest to the owner's inbox.
+    def on_inbound_method(self, channel_id: int, method_sig: Any, payload: Any,
+                          content: Any) -> Any:
+        if channel_id == 0 or self._reader is None:
+            return super().on_inbound_method(channel_id, method_sig, payload, content)
+        channels = self.channels
+        channel = channels.get(channel_id) if channels is not None else None
+        if channel is None:
+            logger.debug("dropped %s for unknown channel %s", method_sig, channel_id)
+            return None
+        channel._inbox.put((channel, method_sig, payload, content))
+        return None
+
+    # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
+    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.
+    def drain_events(self, timeout: float | None = None) -> None:
+        failure = self._failure
+        if failure is not None:
+            raise failure.for_caller()
+        if self._reader is None:
+            return super().drain_events(timeout=timeout)
+        inbox = self._current_inbox()
+        try:
+            item = inbox.get(timeout=None if timeout is None else max(timeout, 0.0))
+        except queue.Empty:
+            raise TimeoutError("timed out") from None
+        channel, method_sig, payload, content = item
+        if channel is None:
+            failure = self._failure
+            if failure is not None:
+                raise failure.for_caller()
+            return None
+        if channel._inbox is not inbox:
+            channel._inbox.put(item)
+            return None
+        if channel.connection is None:
+            return None
+        channel.dispatch_method(method_sig, payload, content)
+        return None
+
+    # Upstream: ticks heartbeats when the application calls it. Here the reader thread ticks
+    # them on every connection, so this is a no-op kept for kombu's heartbeat_check().
+    def heartbeat_tick(self, rate: int = 2) -> None:
+        return None
+
+    def _get_free_channel_id(self) -> int:
+        with self._channel_ids_lock:
+            return super()._get_free_channel_id()
+
+    def _claim_channel_id(self, channel_id: int) -> int:
+        with self._channel_ids_lock:
+            return super()._claim_channel_id(channel_id)
+
+    # -- connection-level methods (run on the reader thread) -------------------------------
+
+    # Upstream: answers Close-Ok, collects the connection and raises in the reading thread.
+    # Here the reader answers and raises; its failure handler wakes and fails every thread.
+    def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
+        if self._reader is None:
+            return super()._on_close(reply_code, reply_text, class_id, method_id)
+        with suppress(OSError, AMQPError):
+            self.send_method(spec.Connection.CloseOk)
+        raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
+
+    # Upstream: Close-Ok collects the connection. Here it tells close() that the server is done.
+    def _on_close_ok(self) -> None:
+        if self._reader is None:
+            return super()._on_close_ok()
+        self._close_ok.set()
+        return None
+
+    def _on_reader_failure(self, exc: BaseException) -> None:
+        logger.warning("AMQP connection to %s lost: %s", self.host, exc)
+        self._fail(Failure(ConnectionLostError, f"AMQP connection lost: {exc}", exc))
+        self._teardown()
+
+    # -- failure and teardown ----------------------------------------------------------------
+
+    def _fail(self, failure: Failure) -> bool:
+        """Record why the connection stopped and wake every thread; the first reason wins."""
+        with self._inboxes_lock:
+            if self._failure is not None:
+                return False
+            self._failure = failure
+            inboxes = list(self._inboxes)
+        transport = self._transport
+        if transport is not None:
+            transport.connected = False
+            sock = transport.sock
+            if sock is not None:
+                # Wakes the reader (EOF) and any writer blocked in sendall (EPIPE).
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for inbox in inboxes:
+            inbox.wake()
+        return True
+
+    def _teardown(self) -> None:
+        """Stop the reader, close the socket, collect channels. Safe from any thread."""
+        reader = self._reader
+        if reader is not None:
+            reader.stop()
+            if reader.thread is not threading.current_thread():
+                reader.thread.join(READER_JOIN_TIMEOUT)
+        transport = self._transport
+        if transport is not None:
+            with suppress(OSError):
+                transport.close()
+        channels = self.channels
+        if channels:
+            for channel in list(channels.values()):
+                if channel is not self:
+                    channel.collect()
+        self._transport = self.connection = self.channels = None
+
+    # Upstream: closes the socket and forgets the channels. Here the same, after stopping the
+    # reader and failing every waiting thread with a clear error.
+    def collect(self) -> None:
+        self._fail(Failure(ConnectionClosedError, "AMQP connection was collected", None))
+        self._teardown()
+
+    # Upstream: sends Close and reads until Close-Ok. Here the reader receives the Close-Ok;
+    # this thread waits for it (bounded), then tears the connection down.
+    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
+              argsig: str = "BsBB") -> None:
+        if self._reader is None:
+            if self._failure is None:
+                return super().close(reply_code, reply_text, method_sig, argsig)
+            return None
+        if self._failure is None:
+            self.is_closing = True
+            try:
+                self.send_method(spec.Connection.Close, argsig,
+                                 (reply_code, reply_text, method_sig[0], method_sig[1]))
+                self._close_ok.wait(CLOSE_TIMEOUT)
+            except (OSError, AMQPError):
+                pass
+            finally:
+                self.is_closing = False
+        self._fail(Failure(ConnectionClosedError, "AMQP connection closed by the application",
+                           None))
+        self._teardown()
+        return None
+
+    # -- fork ------------------------------------------------------------------------------
+
+    def _abandon_after_fork(self) -> None:
+        """In a forked child: never touch the parent's socket; fail so kombu reconnects."""
+        self._inboxes_lock = threading.Lock()
+        self._channel_ids_lock = threading.Lock()
+        self._inboxes = weakref.WeakSet()
+        self._local = threading.local()
+        self._reader = None
+        self._failure = Failure(
+            ConnectionLostError,
+            "AMQP connection was inherited across fork(); this process opens its own", None,
+        )
+        writer = self._frame_writer
+        if isinstance(writer, FrameWriter):
+            writer.lock = threading.Lock()
+        transport = self._transport
+        if transport is not None:
+            sock, transport.sock = transport.sock, None
+            transport.connected = False
+            if sock is not None:
+                # close() only drops this process's descriptor; shutdown() would end the
+                # parent's connection too.
+                with suppress(OSError):
+                    sock.close()
+
+
+_live_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for connection in list(_live_connections):
+        connection._abandon_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

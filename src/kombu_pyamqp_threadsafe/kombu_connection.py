@@ -1,0 +1,115 @@
+"""KombuConnection: a kombu.Connection that many threads can use at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+import kombu
+
+from .channel import Channel
+from .pool import ChannelPool
+from .singleflight import SingleFlight
+from .transport import SSLTransport, Transport
+
+logger = logging.getLogger(__name__)
+
+#: Default bound of :attr:`KombuConnection.default_channel_pool`.
+DEFAULT_CHANNEL_POOL_LIMIT = 1000
+
+
+class KombuConnection(kombu.Connection):
+    """Drop-in :class:`kombu.Connection` whose one AMQP connection is shared by all threads.
+
+    - ``pyamqp://``, ``amqp://`` and ``amqps://`` URLs use the thread-safe transport.
+    - ``ensure_connection()`` from many threads at once opens one connection.
+    - ``default_channel`` is one channel per thread; ``default_channel_pool`` is a bounded pool
+      whose channels belong to the thread that holds them.
+    """
+
+    def __init__(self, *args: Any, channel_pool_limit: int | None = DEFAULT_CHANNEL_POOL_LIMIT,
+                 **kwargs: Any) -> None:
+        transport = kwargs.get("transport")
+        if transport in (None, "amqp", "pyamqp", "amqps"):
+            url = args[0] if args else kwargs.get("hostname")
+            ssl = kwargs.get("ssl") or transport == "amqps" or (
+                isinstance(url, str) and url.startswith("amqps://"))
+            if not (isinstance(url, str) and "+" in url.partition("://")[0]):
+                kwargs["transport"] = SSLTransport if ssl else Transport
+        super().__init__(*args, **kwargs)
+        self._channel_pool_limit = channel_pool_limit
+        self._connecting = SingleFlight()
+        # Guards the lazy creation of _channel_pool.
+        self._pool_lock = threading.Lock()
+        self._channel_pool: ChannelPool | None = None
+        self._thread_channels = threading.local()
+        _live_kombu_connections.add(self)
+
+    @classmethod
+    def from_kombu_connection(cls, connection: kombu.Connection, **kwargs: Any) -> KombuConnection:
+        """A KombuConnection with the same parameters as an existing kombu.Connection."""
+        info = connection.info()
+        info.pop("transport", None)
+        info.update(kwargs)
+        return cls(**info)
+
+    # Upstream: every caller that finds the connection down connects on its own, so threads
+    # racing here open one connection each. Here one thread connects and the rest wait for it.
+    def _ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
+        return self._connecting.run(
+            lambda: super(KombuConnection, self)._ensure_connection(*args, **kwargs),
+            lambda: self._connection if self.connected else None,
+        )
+
+    # Upstream: drops the connection unconditionally; kombu's ensure() calls it after every
+    # connection error, so one thread's late error would drop the fresh connection another
+    # thread just opened. Here a connection that is alive is kept.
+    def collect(self, socket_timeout: float | None = None) -> None:
+        if self.connected:
+            logger.debug("collect(): the shared connection is alive; keeping it")
+            return
+        super().collect(socket_timeout)
+
+    @property
+    def default_channel(self) -> Channel:
+        """The calling thread's own channel (upstream: one channel for every thread)."""
+        connection = self._ensure_connection(**self._extract_failover_opts())
+        channel = getattr(self._thread_channels, "channel", None)
+        if channel is None or channel.connection is not connection or not channel.is_open:
+            channel = self._thread_channels.channel = self.channel()
+        return channel
+
+    @property
+    def default_channel_pool(self) -> ChannelPool:
+        """A bounded pool of channels shared by all threads of this connection."""
+        with self._pool_lock:
+            if self._channel_pool is None:
+                self._channel_pool = ChannelPool(self, self._channel_pool_limit)
+            return self._channel_pool
+
+    def _do_close_self(self) -> None:
+        pool = self._channel_pool
+        if pool is not None:
+            pool.close()
+        super()._do_close_self()
+
+    def _after_fork(self) -> None:
+        self._connecting.reset()
+        self._pool_lock = threading.Lock()
+        self._thread_channels = threading.local()
+        if self._channel_pool is not None:
+            self._channel_pool._after_fork()
+
+
+_live_kombu_connections: weakref.WeakSet[KombuConnection] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for connection in list(_live_kombu_connections):
+        connection._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,96 @@
+"""The reader: one thread per connection that owns every read from its socket.
+
+It splits the byte stream into frames, lets py-amqp's frame handler assemble methods with
+their content, and hands each method to the connection's router (which puts it in the owning
+thread's inbox). Between reads it ticks heartbeats, so publish-only connections send and check
+them too. No lock is held while it waits on the socket.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+from time import monotonic
+from typing import Any
+
+from amqp.exceptions import ConnectionForced
+
+from .frames import FrameBuffer, FrameWriter
+
+RECV_SIZE = 256 * 1024
+#: How often the reader wakes without traffic when heartbeats are off (to notice a stop).
+IDLE_TICK = 1.0
+
+
+class Reader:
+    """Reads frames from ``sock`` until the connection fails or :meth:`stop` is called."""
+
+    def __init__(
+        self,
+        connection: Any,
+        sock: Any,
+        initial: bytes,
+        heartbeat: float,
+        writer: FrameWriter,
+        name: str,
+    ) -> None:
+        self._connection = connection
+        self._sock = sock
+        self._frames = FrameBuffer(initial)
+        self._heartbeat = heartbeat
+        self._writer = writer
+        self._tick = min(heartbeat / 4, IDLE_TICK) if heartbeat else IDLE_TICK
+        self._last_read = monotonic()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Ask the loop to end; the caller wakes it by shutting the socket down."""
+        self.stopping = True
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - every way out of the loop is reported
+            if not self.stopping:
+                self._connection._on_reader_failure(exc)
+
+    def _loop(self) -> None:
+        sock = self._sock
+        recv = sock.recv
+        on_frame = self._connection.on_inbound_frame
+        frames = self._frames
+        frames.feed(b"", on_frame)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        ssl_pending = getattr(sock, "pending", None)
+        next_tick = monotonic() + self._tick
+        while not self.stopping:
+            if not (ssl_pending and ssl_pending()):
+                wait_ms = max(0.0, next_tick - monotonic()) * 1000
+                if not poller.poll(wait_ms):
+                    next_tick = self._heartbeat_tick()
+                    continue
+            data = recv(RECV_SIZE)
+            if not data:
+                if self.stopping:
+                    return
+                raise OSError("Server unexpectedly closed connection")
+            self._last_read = now = monotonic()
+            frames.feed(data, on_frame)
+            if now >= next_tick:
+                next_tick = self._heartbeat_tick()
+
+    def _heartbeat_tick(self) -> float:
+        """Send a heartbeat when we have been quiet, fail when the server has been."""
+        now = monotonic()
+        heartbeat = self._heartbeat
+        if heartbeat:
+            if now - self._writer.last_write >= heartbeat / 2:
+                self._writer.try_write_heartbeat()
+            if now - self._last_read > 2 * heartbeat:
+                raise ConnectionForced("Too many heartbeats missed")
+        return now + self._tick

@@ -1,0 +1,58 @@
+"""Run one call at a time for many threads that all want the same result."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class _Flight:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class SingleFlight:
+    """The first caller runs ``fn``; callers arriving meanwhile wait for it to finish.
+
+    No lock is held while ``fn`` runs (it does network I/O): waiters block on an event that
+    the running caller always sets, then look at the outcome themselves.
+    """
+
+    def __init__(self) -> None:
+        # Guards _flight, the call in progress.
+        self._lock = threading.Lock()
+        self._flight: _Flight | None = None
+
+    def run(self, fn: Callable[[], T], done: Callable[[], T | None]) -> T:
+        """Return ``done()`` if it is not None, else the result of ``fn`` run by one thread.
+
+        A waiter whose leader failed runs ``fn`` itself (with its own retry policy) rather than
+        re-raising somebody else's exception.
+        """
+        while True:
+            result = done()
+            if result is not None:
+                return result
+            with self._lock:
+                flight = self._flight
+                leader = flight is None
+                if leader:
+                    flight = self._flight = _Flight()
+            if leader:
+                try:
+                    return fn()
+                finally:
+                    with self._lock:
+                        self._flight = None
+                    flight.done.set()
+            flight.done.wait()
+
+    def reset(self) -> None:
+        """Forget a flight whose thread did not survive fork()."""
+        self._lock = threading.Lock()
+        self._flight = None
