@@ -11,7 +11,6 @@ the channel and nowhere else, and a publisher never waits behind a thread that i
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import socket
 import threading
@@ -25,6 +24,7 @@ from amqp.exceptions import AMQPError, error_for_code
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 from kombu.transport import pyamqp
 
+from . import forksafe
 from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .frames import FrameWriter
@@ -95,7 +95,7 @@ class Connection(pyamqp.Connection):
         self._failure: Failure | None = None
         self._reader: Reader | None = None
         self._close_ok = threading.Event()
-        _live_connections.add(self)
+        forksafe.register(self)
 
     # -- inboxes ---------------------------------------------------------------------------
 
@@ -215,8 +215,10 @@ class Connection(pyamqp.Connection):
 
     # Upstream: Close-Ok collects the connection. Here it tells close() that the server is done.
     def _on_close_ok(self) -> None:
-        if self._reader is None:
+        reader = self._reader
+        if reader is None:
             return super()._on_close_ok()
+        reader.stop()  # the server closes the socket next; that EOF is not a failure
         self._close_ok.set()
         return None
 
@@ -295,7 +297,7 @@ class Connection(pyamqp.Connection):
 
     # -- fork ------------------------------------------------------------------------------
 
-    def _abandon_after_fork(self) -> None:
+    def _after_fork_in_child(self) -> None:
         """In a forked child: never touch the parent's socket; fail so kombu reconnects."""
         self._inboxes_lock = threading.Lock()
         self._channel_ids_lock = threading.Lock()
@@ -319,13 +321,3 @@ class Connection(pyamqp.Connection):
                 with suppress(OSError):
                     sock.close()
 
-
-_live_connections: weakref.WeakSet[Connection] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for connection in list(_live_connections):
-        connection._abandon_after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import weakref
 from typing import Any
 
 import kombu
 
+from . import forksafe
 from .channel import Channel
 from .pool import ChannelPool
 from .singleflight import SingleFlight
@@ -46,7 +45,7 @@ class KombuConnection(kombu.Connection):
         self._pool_lock = threading.Lock()
         self._channel_pool: ChannelPool | None = None
         self._thread_channels = threading.local()
-        _live_kombu_connections.add(self)
+        forksafe.register(self)
 
     @classmethod
     def from_kombu_connection(cls, connection: kombu.Connection, **kwargs: Any) -> KombuConnection:
@@ -96,20 +95,10 @@ class KombuConnection(kombu.Connection):
             pool.close()
         super()._do_close_self()
 
-    def _after_fork(self) -> None:
+    def _after_fork_in_child(self) -> None:
         self._connecting.reset()
         self._pool_lock = threading.Lock()
         self._thread_channels = threading.local()
         if self._channel_pool is not None:
-            self._channel_pool._after_fork()
+            self._channel_pool._after_fork_in_child()
 
-
-_live_kombu_connections: weakref.WeakSet[KombuConnection] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for connection in list(_live_kombu_connections):
-        connection._after_fork()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

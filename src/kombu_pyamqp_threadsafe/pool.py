@@ -115,7 +115,7 @@ class ChannelPool:
             with suppress(AMQPError, OSError):
                 channel.close()
 
-    def _after_fork(self) -> None:
+    def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
         self._idle = []

@@ -1,0 +1,270 @@
+"""KombuBroker: dramatiq on RabbitMQ with two connections per process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import amqp
+from amqp.exceptions import AMQPError, ChannelError, PreconditionFailed
+from dramatiq.broker import Broker, Consumer
+from dramatiq.common import current_millis, dq_name, q_name, xq_name
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
+from dramatiq.message import Message
+from dramatiq.middleware import Middleware
+
+from kombu_pyamqp_threadsafe import KombuConnection, forksafe
+
+from .consumer import KombuConsumer
+from .errors import QueueArgumentsMismatch
+from .settings import BrokerSettings
+from .topology import declarations
+
+logger = logging.getLogger(__name__)
+
+#: Attempts of one enqueue (reconnecting in between) before ConnectionClosed, as RabbitmqBroker.
+MAX_ENQUEUE_ATTEMPTS = 6
+#: Attempts of one queue declaration before ConnectionClosed, as RabbitmqBroker.
+MAX_DECLARE_ATTEMPTS = 2
+#: RabbitMQ's reply code for a mandatory message no queue took (the queue was deleted).
+NO_ROUTE = 312
+
+
+class KombuBroker(Broker):
+    """A drop-in for dramatiq's RabbitmqBroker holding two connections per process.
+
+    One connection consumes (each consumer thread its own channel), one publishes (each
+    publishing thread a channel from a pool). Both open on first use, and again in a forked
+    child, which never uses its parent's.
+
+    Parameters:
+      url: ``amqp://`` or ``amqps://`` URL, a ``;``-separated string or a list for failover.
+      middleware: as for every dramatiq broker.
+      confirm_delivery: a send returns only once the server holds the message (default True).
+      max_priority: declare queues with ``x-max-priority`` (1..255).
+      heartbeat: seconds between heartbeats (0 turns them off).
+      connection_name: shown by the server; ``-consumer``/``-producer`` are appended.
+      prefetch, delay_prefetch: override the prefetch the worker asks for on queues / delay
+        queues.
+      queue_arguments: extra arguments for ``q`` and ``q.DQ`` (for example ``x-queue-type``).
+      connect_timeout: seconds to wait for the TCP and AMQP handshake.
+      ssl: options for ``amqps://`` (passed to kombu).
+      transport_options: more options for kombu's connection.
+    """
+
+    def __init__(self, *, url: str | list[str] | None = None,
+                 middleware: list[Middleware] | None = None, **options: Any) -> None:
+        self.settings = BrokerSettings.from_arguments(url, **options)
+        self.confirm_delivery = self.settings.confirm_delivery
+        self.max_priority = self.settings.max_priority
+        # Guards _connections and _connections_pid (one pair per process).
+        self._connections_lock = threading.Lock()
+        self._connections: tuple[KombuConnection, KombuConnection] | None = None
+        # Canonical queue names whose three server queues may not exist yet.
+        self.queues_pending: set[str] = set()
+        forksafe.register(self)
+        super().__init__(middleware=middleware)
+        # Canonical names only (dramatiq's base class starts with a dict), as RabbitmqBroker.
+        self.queues: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<KombuBroker {self.settings.masked_url}>"
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _connection_pair(self) -> tuple[KombuConnection, KombuConnection]:
+        pair = self._connections
+        if pair is None:
+            with self._connections_lock:
+                pair = self._connections
+                if pair is None:
+                    pair = self._connections = (
+                        self.settings.connection("consumer", confirm_publish=False),
+                        self.settings.connection("producer",
+                                                 confirm_publish=self.confirm_delivery),
+                    )
+        return pair
+
+    @property
+    def consumer_connection(self) -> KombuConnection:
+        """The connection every consumer of this process shares (opened on first use)."""
+        return self._connection_pair()[0]
+
+    @property
+    def producer_connection(self) -> KombuConnection:
+        """The connection every publishing thread of this process shares."""
+        return self._connection_pair()[1]
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's connection objects stay the parent's: the child builds its own pair.
+        self._connections_lock = threading.Lock()
+        self._connections = None
+        self.queues_pending.update(self.queues)
+
+    def close(self) -> None:
+        """Close both connections. Calling it again does nothing more."""
+        with self._connections_lock:
+            pair, self._connections = self._connections, None
+        for connection in pair or ():
+            try:
+                connection.close()
+            except (AMQPError, OSError):
+                logger.debug("error while closing %r", connection, exc_info=True)
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        """A consumer of ``queue_name`` (``q`` or ``q.DQ``) on its own channel."""
+        self.declare_queue(queue_name)
+        delayed = queue_name != q_name(queue_name)
+        override = self.settings.delay_prefetch if delayed else self.settings.prefetch
+        return KombuConsumer(self, queue_name, override or prefetch, timeout)
+
+    def declare_queue(self, queue_name: str, *, ensure: bool = False) -> None:
+        """Record ``queue_name`` (idempotent); with ``ensure`` also declare it on the server."""
+        canonical = q_name(queue_name)
+        if canonical not in self.queues:
+            self.emit_before("declare_queue", canonical)
+            self.queues.add(canonical)
+            self.queues_pending.add(canonical)
+            self.emit_after("declare_queue", canonical)
+            delayed = dq_name(canonical)
+            self.delay_queues.add(delayed)
+            self.emit_after("declare_delay_queue", delayed)
+        if ensure:
+            for attempt in range(1, MAX_DECLARE_ATTEMPTS + 1):
+                try:
+                    with self.producer_connection.default_channel_pool.acquire(
+                        timeout=self.settings.connect_timeout
+                    ) as channel:
+                        self.ensure_queues(canonical, channel)
+                    return
+                except (AMQPError, OSError) as exc:
+                    if attempt == MAX_DECLARE_ATTEMPTS:
+                        raise ConnectionClosed(exc) from None
+
+    def forget_queue(self, canonical: str) -> None:
+        """The server may have lost this queue: declare it again before its next use."""
+        if canonical in self.queues:
+            self.queues_pending.add(canonical)
+
+    def ensure_queues(self, canonical: str, channel: Any) -> None:
+        """Declare ``q``, ``q.DQ`` and ``q.XQ`` on ``channel`` if not done yet."""
+        if canonical not in self.queues_pending:
+            return
+        for name, arguments in declarations(canonical, self.max_priority,
+                                            self.settings.queue_arguments):
+            self._declare(channel, name, arguments)
+        self.queues_pending.discard(canonical)
+
+    def _declare(self, channel: Any, name: str, arguments: dict[str, Any]) -> Any:
+        try:
+            return channel.queue_declare(queue=name, durable=True, auto_delete=False,
+                                         arguments=arguments)
+        except PreconditionFailed as exc:
+            raise QueueArgumentsMismatch(
+                f"queue {name!r} exists with other arguments than KombuBroker declares "
+                f"({arguments!r}); the server says: {exc.reply_text}. Delete the queue or "
+                f"configure the broker (max_priority, queue_arguments) to match it."
+            ) from None
+
+    def get_declared_queues(self) -> set[str]:
+        return self.queues.copy()
+
+    def get_declared_delay_queues(self) -> set[str]:
+        return self.delay_queues.copy()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        """Publish ``message`` (to ``q.DQ`` with an eta when delayed) and return what was sent.
+
+        With ``confirm_delivery`` it returns once the server has the message. Connection
+        errors reconnect and retry, up to MAX_ENQUEUE_ATTEMPTS, then raise ConnectionClosed.
+        """
+        canonical = message.queue_name
+        queue_name = canonical
+        if delay is not None:
+            self.settings.check_delay(delay)
+            queue_name = dq_name(queue_name)
+            message = message.copy(queue_name=queue_name,
+                                   options={"eta": current_millis() + delay})
+        body = message.encode()
+        priority = message.options.get("broker_priority")
+        self.declare_queue(canonical)
+        pool_timeout = self.settings.connect_timeout
+        for attempt in range(1, MAX_ENQUEUE_ATTEMPTS + 1):
+            try:
+                with self.producer_connection.default_channel_pool.acquire(
+                    timeout=pool_timeout
+                ) as channel:
+                    self.ensure_queues(canonical, channel)
+                    self.emit_before("enqueue", message, delay)
+                    channel.basic_publish(
+                        amqp.Message(body, delivery_mode=2, priority=priority),
+                        exchange="", routing_key=queue_name,
+                        mandatory=self.confirm_delivery,
+                    )
+                self.emit_after("enqueue", message, delay)
+                return message
+            except QueueArgumentsMismatch:
+                raise
+            except (AMQPError, OSError) as exc:
+                if isinstance(exc, ChannelError) and exc.reply_code == NO_ROUTE:
+                    self.forget_queue(canonical)
+                if attempt == MAX_ENQUEUE_ATTEMPTS:
+                    raise ConnectionClosed(exc) from None
+                logger.debug("Retrying enqueue of %s after %r [%d/%d].", message.message_id,
+                             exc, attempt, MAX_ENQUEUE_ATTEMPTS)
+        raise AssertionError("unreachable")
+
+    # -- inspection (tests, join) ----------------------------------------------------------
+
+    def get_queue_message_counts(self, queue_name: str) -> tuple[int, int, int]:
+        """Ready messages in ``q``, ``q.DQ`` and ``q.XQ`` (declaring them, as RabbitmqBroker)."""
+        canonical = q_name(queue_name)
+        with self.producer_connection.default_channel_pool.acquire(
+            timeout=self.settings.connect_timeout
+        ) as channel:
+            counts = [
+                self._declare(channel, name, arguments).message_count
+                for name, arguments in declarations(canonical, self.max_priority,
+                                                    self.settings.queue_arguments)
+            ]
+        self.queues_pending.discard(canonical)
+        return counts[0], counts[1], counts[2]
+
+    def flush(self, queue_name: str) -> None:
+        """Drop every message from ``q``, ``q.DQ`` and ``q.XQ``; missing queues are skipped."""
+        canonical = q_name(queue_name)
+        pool = self.producer_connection.default_channel_pool
+        for name in (canonical, dq_name(canonical), xq_name(canonical)):
+            try:
+                with pool.acquire(timeout=self.settings.connect_timeout) as channel:
+                    channel.queue_purge(name)
+            except ChannelError as exc:
+                if exc.reply_code != 404:
+                    raise
+
+    def flush_all(self) -> None:
+        for queue_name in self.queues:
+            self.flush(queue_name)
+
+    def join(self, queue_name: str, min_successes: int = 10, idle_time: int = 100, *,
+             timeout: int | None = None) -> None:
+        """Wait until ``q`` and ``q.DQ`` have been empty ``min_successes`` times in a row.
+
+        Like RabbitmqBroker's, it does not wait for unacked messages. Raises QueueJoinTimeout
+        after ``timeout`` milliseconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        successes = 0
+        while successes < min_successes:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)
+            ready, delayed, _ = self.get_queue_message_counts(queue_name)
+            successes = successes + 1 if ready + delayed == 0 else 0
+            time.sleep(idle_time / 1000)
+

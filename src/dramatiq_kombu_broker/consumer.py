@@ -1,0 +1,118 @@
+"""The dramatiq Consumer: one channel on the shared consumer connection.
+
+Deliveries are dispatched in the consumer thread (it owns the channel). Worker threads ack and
+nack straight onto that channel: basic.ack has no reply, so it needs no round trip through the
+consumer thread, and it is on the wire before ``ack()`` returns, so a later channel close can
+never overtake it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+from amqp.exceptions import AMQPError
+from dramatiq.broker import Consumer, MessageProxy
+from dramatiq.common import q_name
+from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.message import Message, get_encoder
+
+if TYPE_CHECKING:
+    from .broker import KombuBroker
+
+logger = logging.getLogger(__name__)
+
+
+class KombuMessage(MessageProxy):
+    """A delivered message, tied to the channel that delivered it."""
+
+    def __init__(self, message: Message, delivery_tag: int, redelivered: bool, channel: Any):
+        super().__init__(message)
+        self.redelivered = redelivered
+        self._tag = delivery_tag
+        self._channel = channel
+
+
+class KombuConsumer(Consumer):
+    """Consumes one queue (``q`` or ``q.DQ``) for one dramatiq consumer thread."""
+
+    def __init__(self, broker: KombuBroker, queue_name: str, prefetch: int, timeout: int):
+        self.broker = broker
+        self.queue_name = queue_name
+        self.timeout = timeout / 1000
+        self._buffer: deque[Any] = deque()
+        self._closed = False
+        connection = broker.consumer_connection
+        try:
+            self.channel = connection.channel()
+            self.connection = self.channel.connection
+            broker.ensure_queues(q_name(queue_name), self.channel)
+            self.channel.basic_qos(0, prefetch, False)
+            self.channel.basic_consume(queue_name, callback=self._buffer.append)
+        except connection.connection_errors + connection.channel_errors as exc:
+            self._discard_channel()
+            raise ConnectionClosed(exc) from None
+
+    def __next__(self) -> KombuMessage | None:
+        buffer = self._buffer
+        if not buffer:
+            try:
+                self.connection.drain_events(timeout=self.timeout)
+            except TimeoutError:
+                return None
+            except (AMQPError, OSError) as exc:
+                # The channel or connection is gone (or the server cancelled the consumer
+                # because the queue was deleted): declare the queues again on restart.
+                self._closed = True
+                self.broker.forget_queue(q_name(self.queue_name))
+                raise ConnectionClosed(exc) from None
+            if not buffer:
+                return None
+        raw = buffer.popleft()
+        tag = raw.delivery_info["delivery_tag"]
+        try:
+            message = Message.decode(raw.body)
+        except DecodeError:
+            logger.exception(
+                "Dead-lettering undecodable message %s on queue %r (encoder %r).",
+                tag, self.queue_name, get_encoder(),
+            )
+            self._settle(self.channel, tag, ack=False)
+            return None
+        return KombuMessage(message, tag, raw.delivery_info["redelivered"], self.channel)
+
+    def ack(self, message: KombuMessage) -> None:
+        self._settle(message._channel, message._tag, ack=True)
+
+    def nack(self, message: KombuMessage) -> None:
+        self._settle(message._channel, message._tag, ack=False)
+
+    def _settle(self, channel: Any, tag: int, ack: bool) -> None:
+        verb = "ack" if ack else "nack"
+        if channel is not self.channel or self._closed:
+            # Delivery tags are per channel: on a newer channel this tag may name another message.
+            logger.warning("Dropped %s of message %s: its channel was replaced; the server "
+                           "redelivers it.", verb, tag)
+            return
+        try:
+            if ack:
+                channel.basic_ack(tag)
+            else:
+                channel.basic_reject(tag, requeue=False)
+        except (AMQPError, OSError) as exc:
+            raise ConnectionClosed(exc) from None
+
+    def requeue(self, messages: Any) -> None:
+        """No-op: the server requeues whatever a closed channel left unacked."""
+
+    def close(self) -> None:
+        self._closed = True
+        self._discard_channel()
+
+    def _discard_channel(self) -> None:
+        channel = getattr(self, "channel", None)
+        if channel is not None and channel.is_open:
+            with suppress(AMQPError, OSError):
+                channel.close()
