@@ -12,6 +12,7 @@ import threading
 from time import monotonic
 from typing import Any
 
+from amqp import spec
 from amqp.exceptions import MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
@@ -77,6 +78,18 @@ class Channel(pyamqp.Channel):
         if self.is_open:
             self.adopt()
         return super().close(reply_code, reply_text, method_sig, argsig)
+
+    # Upstream: when the server's Close crosses ours, answers it and keeps waiting for a Close-Ok
+    # that RabbitMQ does not always send. Here the server's Close completes our close.
+    def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
+        if not self.is_closing:
+            return super()._on_close(reply_code, reply_text, class_id, method_id)
+        self.send_method(spec.Channel.CloseOk)
+        pending = self._pending.pop(spec.Channel.CloseOk, None)
+        self._on_close_ok()
+        if pending is not None:
+            pending(spec.Channel.CloseOk)
+        return None
 
     # Upstream: logs a warning for every method that arrives while the channel closes (for
     # example deliveries already in flight). Those are expected; drop them quietly.

@@ -20,7 +20,7 @@ from typing import Any
 
 from amqp import spec
 from amqp import transport as amqp_transport
-from amqp.exceptions import AMQPError, error_for_code
+from amqp.exceptions import AMQPError, ResourceError, error_for_code
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 from kombu.transport import pyamqp
 
@@ -91,6 +91,7 @@ class Connection(pyamqp.Connection):
         self._inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
         # Guards channel id allocation (upstream's check-then-append on _used_channel_ids).
         self._channel_ids_lock = threading.Lock()
+        self._last_channel_id = 0
         self._local = threading.local()
         self._failure: Failure | None = None
         self._reader: Reader | None = None
@@ -194,9 +195,23 @@ class Connection(pyamqp.Connection):
     def heartbeat_tick(self, rate: int = 2) -> None:
         return None
 
+    # Upstream: hands out the lowest free id, so a closed channel's id is reused at once and a
+    # frame the server sent on the old channel (a Close-Ok crossing our Close) can reach the new
+    # one. Here ids go round-robin: an id comes back only after all channel_max others.
     def _get_free_channel_id(self) -> int:
         with self._channel_ids_lock:
-            return super()._get_free_channel_id()
+            used = set(self._used_channel_ids)
+            channel_max = self.channel_max
+            for step in range(1, channel_max + 1):
+                channel_id = (self._last_channel_id + step - 1) % channel_max + 1
+                if channel_id not in used:
+                    self._used_channel_ids.append(channel_id)
+                    self._last_channel_id = channel_id
+                    return channel_id
+        raise ResourceError(
+            f"No free channel ids, current={len(used)}, channel_max={channel_max}",
+            spec.Channel.Open,
+        )
 
     def _claim_channel_id(self, channel_id: int) -> int:
         with self._channel_ids_lock:
