@@ -31,13 +31,7 @@ class KombuConnection(kombu.Connection):
 
     def __init__(self, *args: Any, channel_pool_limit: int | None = DEFAULT_CHANNEL_POOL_LIMIT,
                  **kwargs: Any) -> None:
-        transport = kwargs.get("transport")
-        if transport in (None, "amqp", "pyamqp", "amqps"):
-            url = args[0] if args else kwargs.get("hostname")
-            ssl = kwargs.get("ssl") or transport == "amqps" or (
-                isinstance(url, str) and url.startswith("amqps://"))
-            if not (isinstance(url, str) and "+" in url.partition("://")[0]):
-                kwargs["transport"] = SSLTransport if ssl else Transport
+        args, kwargs = _with_thread_safe_transport(args, kwargs)
         super().__init__(*args, **kwargs)
         self._channel_pool_limit = channel_pool_limit
         self._connecting = SingleFlight()
@@ -72,6 +66,17 @@ class KombuConnection(kombu.Connection):
             return
         super().collect(socket_timeout)
 
+    # Upstream: reports the transport as given; ours is a class, which would print as
+    # "<class ...>://" in as_uri(). Here it is reported by its URL scheme, which clone() and
+    # __init__ map back to the thread-safe transport.
+    def _info(self, resolve: bool = True) -> tuple:
+        transport_cls = self.transport_cls
+        if not (isinstance(transport_cls, type) and issubclass(transport_cls, Transport)):
+            return super()._info(resolve)
+        scheme = "amqps" if issubclass(transport_cls, SSLTransport) else "amqp"
+        return tuple((key, scheme if key == "transport" else value)
+                     for key, value in super()._info(resolve))
+
     @property
     def default_channel(self) -> Channel:
         """The calling thread's own channel (upstream: one channel for every thread)."""
@@ -102,3 +107,30 @@ class KombuConnection(kombu.Connection):
         if self._channel_pool is not None:
             self._channel_pool._after_fork_in_child()
 
+
+_SHARED = "shared+"
+_AMQP_ALIASES = (None, "amqp", "pyamqp", "amqps")
+
+
+def _with_thread_safe_transport(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Point an AMQP URL or alias (also in its ``shared+`` form) at the thread-safe transport.
+
+    Other transports (``memory://``, ``redis://``...) are left as they are.
+    """
+    url = args[0] if args else kwargs.get("hostname")
+    first = url[0] if isinstance(url, (list, tuple)) and url else url
+    if isinstance(first, str) and first.startswith(_SHARED):
+        url = [u.removeprefix(_SHARED) for u in url] if first is not url else first[len(_SHARED):]
+        first = url[0] if isinstance(url, list) else url
+        if args:
+            args = (url, *args[1:])
+        else:
+            kwargs["hostname"] = url
+    transport = kwargs.get("transport")
+    if isinstance(transport, str):
+        transport = transport.removeprefix(_SHARED)
+    scheme = first.partition("://")[0] if isinstance(first, str) and "://" in first else None
+    if transport in _AMQP_ALIASES and scheme in (None, *_AMQP_ALIASES[1:]):
+        tls = bool(kwargs.get("ssl")) or "amqps" in (transport, scheme)
+        kwargs["transport"] = SSLTransport if tls else Transport
+    return args, kwargs
