@@ -11,7 +11,7 @@ import amqp
 from amqp.exceptions import AMQPError, ChannelError, PreconditionFailed
 from dramatiq.broker import Broker, Consumer
 from dramatiq.common import current_millis, dq_name, q_name, xq_name
-from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
+from dramatiq.errors import QueueJoinTimeout
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 
@@ -19,6 +19,7 @@ from kombu_pyamqp_threadsafe import KombuConnection, forksafe
 
 from .consumer import KombuConsumer
 from .errors import QueueArgumentsMismatch
+from .retry import retrying
 from .settings import BrokerSettings
 from .topology import declarations
 
@@ -134,16 +135,9 @@ class KombuBroker(Broker):
             self.delay_queues.add(delayed)
             self.emit_after("declare_delay_queue", delayed)
         if ensure:
-            for attempt in range(1, MAX_DECLARE_ATTEMPTS + 1):
-                try:
-                    with self.producer_connection.default_channel_pool.acquire(
-                        timeout=self.settings.connect_timeout
-                    ) as channel:
-                        self.ensure_queues(canonical, channel)
-                    return
-                except (AMQPError, OSError) as exc:
-                    if attempt == MAX_DECLARE_ATTEMPTS:
-                        raise ConnectionClosed(exc) from None
+            retrying(lambda: self._with_producer_channel(
+                lambda channel: self.ensure_queues(canonical, channel)),
+                MAX_DECLARE_ATTEMPTS, self.settings.connect_timeout)
 
     def forget_queue(self, canonical: str) -> None:
         """The server may have lost this queue: declare it again before its next use."""
@@ -192,58 +186,59 @@ class KombuBroker(Broker):
             message = message.copy(queue_name=queue_name,
                                    options={"eta": current_millis() + delay})
         body = message.encode()
-        priority = message.options.get("broker_priority")
+        properties = {"delivery_mode": 2, "priority": message.options.get("broker_priority")}
         self.declare_queue(canonical)
-        pool_timeout = self.settings.connect_timeout
-        for attempt in range(1, MAX_ENQUEUE_ATTEMPTS + 1):
-            try:
-                with self.producer_connection.default_channel_pool.acquire(
-                    timeout=pool_timeout
-                ) as channel:
-                    self.ensure_queues(canonical, channel)
-                    self.emit_before("enqueue", message, delay)
-                    channel.basic_publish(
-                        amqp.Message(body, delivery_mode=2, priority=priority),
-                        exchange="", routing_key=queue_name,
-                        mandatory=self.confirm_delivery,
-                    )
-                self.emit_after("enqueue", message, delay)
-                return message
-            except QueueArgumentsMismatch:
-                raise
-            except (AMQPError, OSError) as exc:
-                if isinstance(exc, ChannelError) and exc.reply_code == NO_ROUTE:
-                    self.forget_queue(canonical)
-                if attempt == MAX_ENQUEUE_ATTEMPTS:
-                    raise ConnectionClosed(exc) from None
-                logger.debug("Retrying enqueue of %s after %r [%d/%d].", message.message_id,
-                             exc, attempt, MAX_ENQUEUE_ATTEMPTS)
-        raise AssertionError("unreachable")
+
+        def publish(channel: Any) -> None:
+            self.ensure_queues(canonical, channel)
+            self.emit_before("enqueue", message, delay)
+            channel.basic_publish(amqp.Message(body, **properties), exchange="",
+                                  routing_key=queue_name, mandatory=self.confirm_delivery)
+
+        def on_error(exc: BaseException) -> None:
+            if isinstance(exc, ChannelError) and exc.reply_code == NO_ROUTE:
+                self.forget_queue(canonical)
+            logger.debug("enqueue of %s failed: %r", message.message_id, exc)
+
+        retrying(lambda: self._with_producer_channel(publish), MAX_ENQUEUE_ATTEMPTS,
+                 self.settings.connect_timeout, on_error)
+        self.emit_after("enqueue", message, delay)
+        return message
+
+    def _with_producer_channel(self, use: Any) -> Any:
+        """Run ``use(channel)`` on a pooled channel of the producer connection."""
+        connection = self.producer_connection
+        self.connect(connection)
+        with connection.default_channel_pool.acquire(
+            timeout=self.settings.connect_timeout
+        ) as channel:
+            return use(channel)
+
+    @staticmethod
+    def connect(connection: KombuConnection) -> None:
+        """Connect if needed with one attempt (kombu's own retry would sleep 2 s first)."""
+        if not connection.connected:
+            connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
 
     # -- inspection (tests, join) ----------------------------------------------------------
 
     def get_queue_message_counts(self, queue_name: str) -> tuple[int, int, int]:
         """Ready messages in ``q``, ``q.DQ`` and ``q.XQ`` (declaring them, as RabbitmqBroker)."""
         canonical = q_name(queue_name)
-        with self.producer_connection.default_channel_pool.acquire(
-            timeout=self.settings.connect_timeout
-        ) as channel:
-            counts = [
-                self._declare(channel, name, arguments).message_count
-                for name, arguments in declarations(canonical, self.max_priority,
-                                                    self.settings.queue_arguments)
-            ]
+        counts = self._with_producer_channel(lambda channel: [
+            self._declare(channel, name, arguments).message_count
+            for name, arguments in declarations(canonical, self.max_priority,
+                                                self.settings.queue_arguments)
+        ])
         self.queues_pending.discard(canonical)
         return counts[0], counts[1], counts[2]
 
     def flush(self, queue_name: str) -> None:
         """Drop every message from ``q``, ``q.DQ`` and ``q.XQ``; missing queues are skipped."""
         canonical = q_name(queue_name)
-        pool = self.producer_connection.default_channel_pool
         for name in (canonical, dq_name(canonical), xq_name(canonical)):
             try:
-                with pool.acquire(timeout=self.settings.connect_timeout) as channel:
-                    channel.queue_purge(name)
+                self._with_producer_channel(lambda channel, name=name: channel.queue_purge(name))
             except ChannelError as exc:
                 if exc.reply_code != 404:
                     raise

@@ -46,6 +46,7 @@ class KombuConsumer(Consumer):
         self._closed = False
         connection = broker.consumer_connection
         try:
+            broker.connect(connection)
             self.channel = connection.channel()
             self.connection = self.channel.connection
             broker.ensure_queues(q_name(queue_name), self.channel)

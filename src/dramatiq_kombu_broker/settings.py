@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
-
-import kombu
+from urllib.parse import urlsplit, urlunsplit
 
 from kombu_pyamqp_threadsafe import KombuConnection
 
@@ -73,7 +72,7 @@ class BrokerSettings:
     @property
     def masked_url(self) -> str:
         """The URL(s) with passwords masked, for logs and repr()."""
-        return ";".join(kombu.Connection(url).as_uri() for url in self.urls)
+        return ";".join(mask_url(url) for url in self.urls)
 
     def check_delay(self, delay: Any) -> None:
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
@@ -109,10 +108,31 @@ def _parse_urls(url: str | list[str] | None) -> list[str]:
     if not urls:
         raise ValueError("url is empty")
     for part in urls:
-        scheme = part.partition("://")[0] if "://" in part else ""
-        if scheme not in SCHEMES:
-            raise ValueError(
-                f"url must start with amqp://, amqps:// or pyamqp://, got "
-                f"{kombu.Connection(part).as_uri() if scheme else part.split('@')[-1]!r}"
-            )
+        _check_url(part)
     return urls
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"url is malformed ({exc}): {_mask_loosely(url)!r}") from None
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"url must start with amqp://, amqps:// or pyamqp://, got "
+                         f"{mask_url(url)!r}")
+
+
+def _mask_loosely(url: str) -> str:
+    """Mask credentials of a URL too broken to parse: drop everything before the last '@'."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
