@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import ssl
 import threading
 from typing import Any
 
@@ -10,6 +12,8 @@ from kombu.transport import pyamqp
 from kombu.utils.url import parse_url
 
 from .connection import Connection
+
+logger = logging.getLogger(__name__)
 
 
 class Transport(pyamqp.Transport):
@@ -20,6 +24,20 @@ class Transport(pyamqp.Transport):
     # Upstream: may be driven by kombu's async event loop (celery's hub), which reads the
     # socket itself. The reader thread owns the socket here, so that loop cannot be used.
     implements = pyamqp.Transport.implements.extend(asynchronous=False)
+
+    # Upstream: with ``ssl=True`` the server's certificate is checked but not its host name
+    # (py-amqp checks the name only when server_hostname is given). Here amqps verifies both
+    # by default; ``ssl={"cert_reqs": ssl.CERT_NONE}`` turns verification off, with a warning.
+    def establish_connection(self) -> Any:
+        conninfo = self.client
+        given = conninfo.ssl
+        if not given:
+            return super().establish_connection()
+        conninfo.ssl = verified_tls_options(given, conninfo.hostname)
+        try:
+            return super().establish_connection()
+        finally:
+            conninfo.ssl = given
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         raise NotImplementedError(
@@ -100,3 +118,17 @@ def add_shared_amqp_transport() -> None:
         "shared+pyamqp": f"{_PATH}:Transport",
         "shared+amqps": f"{_PATH}:SSLTransport",
     })
+
+
+def verified_tls_options(given: Any, hostname: str | None) -> dict[str, Any]:
+    """py-amqp TLS options that verify the certificate and the host name unless told not to."""
+    options = dict(given) if isinstance(given, dict) else {}
+    if "context" in options:
+        return options
+    options.setdefault("cert_reqs", ssl.CERT_REQUIRED)
+    if options["cert_reqs"] == ssl.CERT_NONE:
+        logger.warning("TLS certificate verification is OFF for %s (ssl cert_reqs=CERT_NONE): "
+                       "the connection can be intercepted", hostname)
+    elif options.get("server_hostname") is None:
+        options["server_hostname"] = hostname
+    return options
