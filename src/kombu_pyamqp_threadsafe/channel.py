@@ -16,20 +16,26 @@ from amqp import spec
 from amqp.exceptions import MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
-from .errors import ChannelOwnershipError
-from .inbox import Inbox
+from .errors import ChannelOwnershipError, Failure
+from .inbox import Mailbox
 
 logger = logging.getLogger(__name__)
+
+
+#: Methods without a reply: any thread may send them on any channel.
+ANY_THREAD_METHODS = frozenset({spec.Basic.Ack, spec.Basic.Reject, spec.Basic.Nack,
+                                spec.Basic.Publish})
 
 
 class Channel(pyamqp.Channel):
     """kombu's pyamqp channel with an owner thread and per-message publisher confirms."""
 
-    _inbox: Inbox
+    _mailbox: Mailbox
 
     def __init__(self, connection: Any, channel_id: int | None = None, **kwargs: Any) -> None:
-        # Set before the channel can receive anything: the reader routes by this inbox.
-        self._inbox = connection._current_inbox()
+        # Set before the channel can receive anything: the reader posts to this mailbox.
+        self._mailbox = Mailbox(self, connection._current_inbox())
+        self._failure: Failure | None = None
         self._publish_seq = 0
         self._unconfirmed: dict[int, bool | None] = {}
         super().__init__(connection, channel_id, **kwargs)
@@ -37,30 +43,51 @@ class Channel(pyamqp.Channel):
     @property
     def owner(self) -> threading.Thread:
         """The thread that receives this channel's replies and deliveries."""
-        return self._inbox.thread
+        return self._mailbox.owner.thread
 
     def adopt(self) -> None:
         """Make the calling thread the owner (a pool hands the channel to a new thread).
 
-        Replies that arrive from now on go to the caller. The previous owner is woken so a
-        wait of its own on this channel notices the change instead of blocking on.
+        Methods not yet dispatched, and all that arrive from now on, go to the caller. The
+        previous owner is woken so a wait of its own on this channel does not block on.
         """
         connection = self.connection
         if connection is None:
             return
         inbox = connection._current_inbox()
-        previous, self._inbox = self._inbox, inbox
+        previous = self._mailbox.move_to(inbox)
         if previous is not inbox:
             previous.wake()
 
     def _check_owner(self) -> None:
         connection = self.connection
-        if connection is not None and self._inbox is not connection._thread_inbox():
+        if connection is not None and self._mailbox.owner is not connection._thread_inbox():
             raise ChannelOwnershipError(
-                f"channel {self.channel_id} belongs to thread {self._inbox.thread.name!r}; "
+                f"channel {self.channel_id} belongs to thread {self.owner.name!r}; "
                 f"thread {threading.current_thread().name!r} cannot wait for its replies "
                 "(open a channel in this thread, or take one from the channel pool)"
             )
+
+    def _raise_if_failed(self) -> None:
+        """A channel whose connection failed raises why (upstream: "connection already closed")."""
+        failure = self._failure
+        if failure is not None and self.connection is None:
+            raise failure.for_caller()
+
+    # Upstream: any thread may send any method. Here a method that expects a reply is refused,
+    # before anything is written, unless the calling thread owns the channel.
+    def send_method(self, sig: Any, *args: Any, **kwargs: Any) -> Any:
+        self._raise_if_failed()
+        if sig not in ANY_THREAD_METHODS:
+            self._check_owner()
+        return super().send_method(sig, *args, **kwargs)
+
+    # Upstream: raises "connection closed" once the channel is collected; here the reason.
+    def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
+        self._raise_if_failed()
+        return super()._basic_publish(*args, **kwargs)
+
+    basic_publish = _basic_publish
 
     # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
     # because replies are delivered to the owner's inbox.
@@ -130,6 +157,7 @@ class Channel(pyamqp.Channel):
         while self._unconfirmed.get(seq) is None:
             connection = self.connection
             if connection is None:
+                self._raise_if_failed()
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
             connection.drain_events(timeout=remaining)

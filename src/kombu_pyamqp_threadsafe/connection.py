@@ -54,6 +54,12 @@ class _SharedSocketMixin:
         super().__init__(*args, **kwargs)
         self.write_timeouts = threading.local()
 
+    def _shutdown_transport(self) -> None:
+        # Upstream unwraps TLS here (a close_notify exchange). Once shared, the socket was shut
+        # down first to wake the reader and the writers, so there is nothing left to unwrap.
+        if not self.shared:
+            super()._shutdown_transport()  # type: ignore[misc]
+
     @contextmanager
     def having_timeout(self, timeout: float | None) -> Any:
         if not self.shared:
@@ -160,7 +166,7 @@ class Connection(pyamqp.Connection):
         if channel is None:
             logger.debug("dropped %s for unknown channel %s", method_sig, channel_id)
             return None
-        channel._inbox.put((channel, method_sig, payload, content))
+        channel._mailbox.post((method_sig, payload, content))
         return None
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
@@ -173,21 +179,19 @@ class Connection(pyamqp.Connection):
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
         try:
-            item = inbox.get(timeout=None if timeout is None else max(timeout, 0.0))
+            mailbox = inbox.get(timeout=None if timeout is None else max(timeout, 0.0))
         except queue.Empty:
             raise TimeoutError("timed out") from None
-        channel, method_sig, payload, content = item
-        if channel is None:
+        if mailbox is None:
             failure = self._failure
             if failure is not None:
                 raise failure.for_caller()
             return None
-        if channel._inbox is not inbox:
-            channel._inbox.put(item)
+        method = mailbox.take(inbox)
+        channel = mailbox.channel
+        if method is None or channel.connection is None:
             return None
-        if channel.connection is None:
-            return None
-        channel.dispatch_method(method_sig, payload, content)
+        channel.dispatch_method(*method)
         return None
 
     # Upstream: ticks heartbeats when the application calls it. Here the reader thread ticks
@@ -272,12 +276,21 @@ class Connection(pyamqp.Connection):
                 reader.thread.join(READER_JOIN_TIMEOUT)
         transport = self._transport
         if transport is not None:
-            with suppress(OSError):
-                transport.close()
+            # Under the write lock, so no writer is inside sendall on a descriptor being closed.
+            writer = self._frame_writer
+            locked = isinstance(writer, FrameWriter) and writer.lock.acquire(
+                timeout=READER_JOIN_TIMEOUT)
+            try:
+                with suppress(OSError):
+                    transport.close()
+            finally:
+                if locked:
+                    writer.lock.release()
         channels = self.channels
         if channels:
             for channel in list(channels.values()):
                 if channel is not self:
+                    channel._failure = self._failure
                     channel.collect()
         self._transport = self.connection = self.channels = None
 

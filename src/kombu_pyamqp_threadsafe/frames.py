@@ -89,7 +89,13 @@ class FrameWriter:
             failure = connection._failure
             if failure is not None:
                 raise failure.for_caller()
-            self._transport.write(data)
+            try:
+                self._transport.write(data)
+            except OSError as exc:
+                failure = connection._failure
+                if failure is not None:  # the socket was shut because the connection stopped
+                    raise failure.for_caller() from exc
+                raise
             self.last_write = monotonic()
         finally:
             self.lock.release()

@@ -38,7 +38,9 @@ class KombuConnection(kombu.Connection):
         # Guards the lazy creation of _channel_pool.
         self._pool_lock = threading.Lock()
         self._channel_pool: ChannelPool | None = None
-        self._thread_channels = threading.local()
+        # Guards _default_channels: each thread's default channel, by thread.
+        self._default_channels_lock = threading.Lock()
+        self._default_channels: dict[threading.Thread, Channel] = {}
         forksafe.register(self)
 
     @classmethod
@@ -79,11 +81,23 @@ class KombuConnection(kombu.Connection):
 
     @property
     def default_channel(self) -> Channel:
-        """The calling thread's own channel (upstream: one channel for every thread)."""
+        """The calling thread's own channel (upstream: one channel for every thread).
+
+        Channels of threads that have ended are closed when a new one is made, so short-lived
+        threads do not use up the server's channel_max.
+        """
         connection = self._ensure_connection(**self._extract_failover_opts())
-        channel = getattr(self._thread_channels, "channel", None)
-        if channel is None or channel.connection is not connection or not channel.is_open:
-            channel = self._thread_channels.channel = self.channel()
+        thread = threading.current_thread()
+        channel = self._default_channels.get(thread)
+        if channel is not None and channel.connection is connection and channel.is_open:
+            return channel
+        channel = self.channel()
+        with self._default_channels_lock:
+            self._default_channels[thread] = channel
+            ended = [t for t in self._default_channels if not t.is_alive()]
+            orphans = [self._default_channels.pop(t) for t in ended]
+        for orphan in orphans:
+            self.maybe_close_channel(orphan)
         return channel
 
     @property
@@ -103,7 +117,8 @@ class KombuConnection(kombu.Connection):
     def _after_fork_in_child(self) -> None:
         self._connecting.reset()
         self._pool_lock = threading.Lock()
-        self._thread_channels = threading.local()
+        self._default_channels_lock = threading.Lock()
+        self._default_channels = {}
         if self._channel_pool is not None:
             self._channel_pool._after_fork_in_child()
 

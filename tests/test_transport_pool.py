@@ -1,0 +1,201 @@
+"""The channel pool of KombuConnection under contention, against the real RabbitMQ."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import suppress
+
+import pytest
+from amqp.exceptions import NotFound
+
+import kombu_pyamqp_threadsafe as ts
+from transport_helpers import Worker, join_all, kombu_connection, start_all
+
+
+@pytest.fixture
+def connect(amqp_url, connection_name):
+    """``connect(**kwargs)`` -> a connected KombuConnection, closed at teardown."""
+    made = []
+
+    def factory(name=connection_name, **kwargs):
+        conn = kombu_connection(amqp_url, name, **kwargs)
+        made.append(conn)
+        conn.ensure_connection(max_retries=3)
+        return conn
+
+    yield factory
+    for conn in made:
+        with suppress(Exception):
+            conn.close()
+
+
+def test_pool_under_contention(connect, queue_name):
+    """50 threads x 200 acquire/release on a pool of 8: a channel is never held by two
+    threads, a closed (discarded) channel is never handed out again, nobody deadlocks."""
+    limit, threads, iterations = 8, 50, 200
+    conn = connect(channel_pool_limit=limit)
+    pool = conn.default_channel_pool
+    amqp_connection = conn.connection
+    lock = threading.Lock()
+    held: set[int] = set()
+    discarded_ids: set[int] = set()
+    discarded = []  # strong references: keeps the ids in discarded_ids unique
+    problems = []
+    peak = [0]
+    barrier = threading.Barrier(threads)
+
+    def worker(n):
+        me = threading.current_thread()
+        barrier.wait(20)
+        acquired = 0
+        for i in range(iterations):
+            fail = (i + n) % 41 == 0
+            try:
+                with pool.acquire(timeout=20) as channel:
+                    acquired += 1
+                    key = id(channel)
+                    with lock:
+                        if key in held:
+                            problems.append(f"channel {channel.channel_id} held twice")
+                        if key in discarded_ids:
+                            problems.append(f"discarded channel {channel.channel_id} reused")
+                        held.add(key)
+                        peak[0] = max(peak[0], len(held))
+                    if not channel.is_open or channel.connection is not amqp_connection:
+                        problems.append(f"unusable channel {channel.channel_id}")
+                    if channel.owner is not me:
+                        problems.append(f"channel {channel.channel_id} not adopted")
+                    if i % 5 == 0:
+                        channel.basic_qos(0, 10, False)  # a round trip: owner-only
+                    if fail:
+                        with lock:
+                            held.discard(key)
+                            discarded_ids.add(key)
+                            discarded.append(channel)
+                        # A channel error inside the lease: the pool must close the channel.
+                        channel.queue_declare(f"missing-{queue_name}", passive=True)
+                    with lock:
+                        held.discard(key)
+            except NotFound:
+                pass
+        return acquired
+
+    workers = start_all([Worker(worker, n, name=f"pool-{n}") for n in range(threads)])
+    assert join_all(workers, 60) == [], "deadlock: threads still waiting for the pool"
+    for worker_thread in workers:
+        assert worker_thread.error is None, repr(worker_thread.error)
+        assert worker_thread.result == iterations
+    assert problems == []
+    assert 1 < peak[0] <= limit
+    assert discarded and all(not channel.is_open for channel in discarded)
+    assert pool._in_use == 0
+    # Only the idle channels of the pool are still open on the connection.
+    assert len(pool._idle) <= limit
+    assert set(amqp_connection.channels) - {0} == {ch.channel_id for ch in pool._idle}
+    assert conn.connected
+
+
+def test_acquire_at_the_limit(connect):
+    conn = connect(channel_pool_limit=2)
+    pool = conn.default_channel_pool
+    first, second = pool.acquire(), pool.acquire()
+    with pytest.raises(ts.ChannelPoolLimitError, match="pool limit"):
+        pool.acquire(block=False)
+    started = time.monotonic()
+    with pytest.raises(ts.ChannelPoolLimitError, match="pool limit"):
+        pool.acquire(timeout=0.2)
+    assert 0.15 < time.monotonic() - started < 2.0
+
+    # A blocked acquire gets the channel another thread gives back, and owns it.
+    waiting = threading.Event()
+
+    def waiter():
+        waiting.set()
+        with pool.acquire(timeout=10) as channel:
+            channel.basic_qos(0, 1, False)
+            return channel, channel.owner is threading.current_thread()
+
+    worker = Worker(waiter)
+    worker.start()
+    assert waiting.wait(5)
+    released = first.channel
+    first.release()
+    first.release()  # a second release changes nothing
+    assert join_all([worker], 10) == []
+    assert worker.error is None, repr(worker.error)
+    channel, owned = worker.result
+    assert channel is released and owned
+    assert pool._in_use == 1
+    second.release()
+    assert pool._in_use == 0
+
+
+def test_exhausting_channel_max_raises_a_clear_error(connect):
+    """The pool without a limit, against the server's channel_max (2047 on RabbitMQ 3.10)."""
+    conn = connect(channel_pool_limit=None)
+    pool = conn.default_channel_pool
+    channel_max = conn.connection.channel_max
+    assert 0 < channel_max <= 4096, "too many channels for a fast test"
+    leases = []
+    with pytest.raises(conn.connection_errors + conn.channel_errors) as info:
+        for _ in range(channel_max + 1):
+            leases.append(pool.acquire(block=False))
+    assert len(leases) == channel_max
+    assert "channel_max" in str(info.value)
+    assert pool._in_use == channel_max  # the failed acquire gave its slot back
+    # Giving one back makes room again; the connection survived.
+    leases.pop().release(discard=True)
+    with pool.acquire(block=False) as channel:
+        channel.basic_qos(0, 1, False)
+    for lease in leases:
+        lease.release()
+    assert pool._in_use == 0
+    assert conn.connected
+
+
+def test_next_owner_gets_the_async_error_of_a_pooled_channel(connect, queue_name):
+    """Thread A publishes to a missing exchange (the server closes the channel
+    asynchronously) and gives the channel back before it learns about it; A then stays idle.
+    Thread B takes the same channel from the pool: its next synchronous call must not wait
+    forever for a reply the server will never send (the Channel.Close was queued for A)."""
+    conn = connect(channel_pool_limit=1)
+    pool = conn.default_channel_pool
+    a_done = threading.Event()
+    a_idle = threading.Event()
+
+    def thread_a():
+        with pool.acquire() as channel:
+            channel.basic_publish(channel.prepare_message(b"x"),
+                                  exchange=f"missing-{queue_name}", routing_key="x")
+            # The server's Channel.Close is now queued for this thread (it owns the channel);
+            # it gives the channel back without draining.
+            deadline = time.monotonic() + 5
+            while channel._mailbox.owner.qsize() == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            queued = channel._mailbox.owner.qsize()
+        a_done.set()
+        a_idle.wait(30)  # alive, but never drains again
+        return queued
+
+    def thread_b():
+        with pool.acquire(timeout=5) as channel:
+            try:
+                channel.basic_qos(0, 1, False)
+            except conn.channel_errors as exc:  # being told about the close is fine too
+                return f"channel error: {exc!r}"
+            return "qos ok"
+
+    a = Worker(thread_a, name="A")
+    a.start()
+    assert a_done.wait(10)
+    b = Worker(thread_b, name="B")
+    b.start()
+    try:
+        assert join_all([b], 3) == [], (
+            "B waits forever: the Channel.Close it needs was queued in idle A's inbox")
+        assert b.error is None, repr(b.error)
+    finally:
+        a_idle.set()
+        assert join_all([a], 10) == []
+        assert a.result == 1
