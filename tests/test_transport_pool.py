@@ -199,3 +199,23 @@ def test_next_owner_gets_the_async_error_of_a_pooled_channel(connect, queue_name
         a_idle.set()
         assert join_all([a], 10) == []
         assert a.result == 1
+
+
+def test_a_lease_dropped_without_release_gives_its_channel_back(connect):
+    """An asynchronous exception (dramatiq's TimeLimit) can land between acquire() and the
+    ``with`` block, dropping the lease unreleased. The pool must not lose that capacity: the
+    next acquire() at the limit reclaims the channel (closed, never handed out again)."""
+    conn = connect(channel_pool_limit=2)
+    pool = conn.default_channel_pool
+    for _ in range(50):
+        kept = pool.acquire(timeout=5)
+        dropped = pool.acquire(timeout=5)
+        lost_channel = dropped.channel
+        del dropped  # never released
+        replacement = pool.acquire(timeout=5)  # would raise ChannelPoolLimitError if lost
+        assert replacement.channel is not lost_channel
+        assert not lost_channel.is_open
+        replacement.channel.basic_qos(0, 1, False)
+        replacement.release()
+        kept.release()
+    assert pool._in_use == 0
