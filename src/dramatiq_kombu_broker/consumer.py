@@ -44,10 +44,14 @@ class KombuConsumer(Consumer):
         self.timeout = timeout / 1000
         self._buffer: deque[Any] = deque()
         self._closed = False
+        self._dropped = 0
         connection = broker.consumer_connection
         try:
             broker.connect(connection)
             self.channel = connection.channel()
+            # py-amqp turns a body into str when the message names a content_encoding (kombu
+            # and celery producers do); dramatiq decodes bytes itself.
+            self.channel.auto_decode = False
             self.connection = self.channel.connection
             broker.ensure_queues(q_name(queue_name), self.channel)
             self.channel.basic_qos(0, prefetch, False)
@@ -94,8 +98,11 @@ class KombuConsumer(Consumer):
         verb = "ack" if ack else "nack"
         if channel is not self.channel or self._closed:
             # Delivery tags are per channel: on a newer channel this tag may name another message.
-            logger.warning("Dropped %s of message %s: its channel was replaced; the server "
-                           "redelivers it.", verb, tag)
+            self._dropped += 1
+            log = logger.warning if self._dropped == 1 else logger.debug
+            log("Dropped %s of message %s on %r: its channel is gone, so the server redelivers "
+                "it (%d dropped on this consumer so far).", verb, tag, self.queue_name,
+                self._dropped)
             return
         try:
             if ack:

@@ -1,0 +1,11 @@
+"""Stress tests and benchmarks against a real RabbitMQ (``make stress``, ``make bench``).
+
+- ``python -m stress.bench_transport``: raw publish throughput and latency of the thread-safe
+  transport (one shared ``KombuConnection``) versus one plain ``kombu.Connection`` per thread.
+- ``python -m stress.run``: the 900-thread dramatiq stress test on ``KombuBroker`` (lost and
+  duplicated messages are counted by id), in-process or under the ``dramatiq`` CLI (``--cli``).
+- ``python -m stress.bench``: ``KombuBroker`` side by side with dramatiq's ``RabbitmqBroker``.
+
+Every run works in its own vhost ``stress-<hex>`` (created and deleted with ``rabbitmqctl``).
+Results go to ``stress/results/``.
+"""
