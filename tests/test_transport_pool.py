@@ -89,7 +89,7 @@ def test_pool_under_contention(connect, queue_name):
     assert problems == []
     assert 1 < peak[0] <= limit
     assert discarded and all(not channel.is_open for channel in discarded)
-    assert pool._in_use == 0
+    assert pool.in_use == 0
     # Only the idle channels of the pool are still open on the connection.
     assert len(pool._idle) <= limit
     assert set(amqp_connection.channels) - {0} == {ch.channel_id for ch in pool._idle}
@@ -126,9 +126,9 @@ def test_acquire_at_the_limit(connect):
     assert worker.error is None, repr(worker.error)
     channel, owned = worker.result
     assert channel is released and owned
-    assert pool._in_use == 1
+    assert pool.in_use == 1
     second.release()
-    assert pool._in_use == 0
+    assert pool.in_use == 0
 
 
 def test_exhausting_channel_max_raises_a_clear_error(connect):
@@ -143,14 +143,14 @@ def test_exhausting_channel_max_raises_a_clear_error(connect):
             leases.append(pool.acquire(block=False))
     assert len(leases) == channel_max
     assert "channel_max" in str(info.value)
-    assert pool._in_use == channel_max  # the failed acquire gave its slot back
+    assert pool.in_use == channel_max  # the failed acquire gave its slot back
     # Giving one back makes room again; the connection survived.
     leases.pop().release(discard=True)
     with pool.acquire(block=False) as channel:
         channel.basic_qos(0, 1, False)
     for lease in leases:
         lease.release()
-    assert pool._in_use == 0
+    assert pool.in_use == 0
     assert conn.connected
 
 
@@ -218,4 +218,4 @@ def test_a_lease_dropped_without_release_gives_its_channel_back(connect):
         replacement.channel.basic_qos(0, 1, False)
         replacement.release()
         kept.release()
-    assert pool._in_use == 0
+    assert pool.in_use == 0

@@ -338,7 +338,7 @@ class Connection(pyamqp.Connection):
         )
         writer = self._frame_writer
         if isinstance(writer, FrameWriter):
-            writer.lock = threading.Lock()
+            writer.lock = threading.RLock()
         transport = self._transport
         if transport is not None:
             sock, transport.sock = transport.sock, None

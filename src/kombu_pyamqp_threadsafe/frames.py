@@ -64,8 +64,9 @@ class FrameWriter:
         self._connection = connection
         self._transport = transport
         # Guards the socket's outbound byte stream: one message's frames are written whole.
-        # Held across sendall (a blocking write), never across a read.
-        self.lock = threading.Lock()
+        # Held across sendall (a blocking write), never across a read. An RLock because it
+        # knows its owner, which lets a write release it exactly when it holds it.
+        self.lock = threading.RLock()
         self.last_write = monotonic()
 
     def __call__(
@@ -83,9 +84,12 @@ class FrameWriter:
         data = encode_method(frame_type, channel, method_sig, args, content, connection.frame_max)
         timeouts = getattr(self._transport, "write_timeouts", None)
         timeout = getattr(timeouts, "value", None)
-        if not self.lock.acquire(timeout=-1 if timeout is None else timeout):
-            raise TimeoutError("timed out waiting to write to the shared connection")
+        lock = self.lock
         try:
+            # Acquired inside the try: an asynchronous exception (dramatiq's TimeLimit) raised
+            # as acquire() returns must still release the lock, or every thread would hang.
+            if not lock.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError("timed out waiting to write to the shared connection")
             failure = connection._failure
             if failure is not None:
                 raise failure.for_caller()
@@ -98,7 +102,8 @@ class FrameWriter:
                 raise
             self.last_write = monotonic()
         finally:
-            self.lock.release()
+            if lock._is_owned():
+                lock.release()
 
     def try_write_heartbeat(self) -> bool:
         """Send a heartbeat unless another thread is writing (its bytes count as one)."""

@@ -24,20 +24,37 @@ from .errors import ChannelPoolLimitError
 ORPHAN_CHECK = 1.0
 
 
+class _Slot:
+    """The channel of one lease; outlives the lease so a dropped lease's channel is found."""
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: Channel | None) -> None:
+        self.channel = channel
+
+
 class PooledChannel:
     """A lease on one pooled channel; ``with`` gives the channel and returns it at exit.
 
-    A lease dropped without release (an asynchronous exception such as dramatiq's TimeLimit
-    can land between ``acquire()`` and the ``with`` block) hands its channel back through a
-    finalizer, to be closed by the next ``acquire()``: the pool never loses capacity.
+    An asynchronous exception (dramatiq's TimeLimit) can land anywhere, even between
+    ``acquire()`` and the ``with`` block, dropping a lease unreleased. The pool counts leases
+    that are alive (a weak set), so a dropped lease frees its place at once, and a finalizer
+    hands its channel to the next ``acquire()`` to be closed: the pool never loses capacity and
+    never reuses a channel in an unknown state.
     """
 
-    __slots__ = ("channel", "_pool", "_finalizer", "__weakref__")
+    __slots__ = ("_pool", "_slot", "_finalizer", "__weakref__")
 
-    def __init__(self, pool: ChannelPool, channel: Channel) -> None:
+    def __init__(self, pool: ChannelPool, slot: _Slot) -> None:
         self._pool = pool
-        self.channel = channel
-        self._finalizer = weakref.finalize(self, pool._orphans.append, channel)
+        self._slot = slot
+        self._finalizer = weakref.finalize(self, pool._orphans.append, slot)
+
+    @property
+    def channel(self) -> Channel:
+        channel = self._slot.channel
+        assert channel is not None, "lease used before acquire() returned it"
+        return channel
 
     def __enter__(self) -> Channel:
         return self.channel
@@ -49,7 +66,7 @@ class PooledChannel:
     def release(self, discard: bool = False) -> None:
         """Give the channel back (once; later calls do nothing). ``discard`` closes it."""
         if self._finalizer.detach() is not None:
-            self._pool._give_back(self.channel, discard)
+            self._pool._give_back(self, discard)
 
 
 class ChannelPool:
@@ -60,13 +77,18 @@ class ChannelPool:
             raise ValueError(f"channel pool limit must be at least 1, got {limit!r}")
         self.connection = connection
         self.limit = limit
-        # Guards _idle and _in_use.
+        # Guards _idle and _leases.
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
         self._idle: list[Channel] = []
-        self._in_use = 0
-        # Channels of leases dropped unreleased (appended by finalizers, from any thread).
-        self._orphans: deque[Channel] = deque()
+        self._leases: weakref.WeakSet[PooledChannel] = weakref.WeakSet()
+        # Slots of leases dropped unreleased (appended by finalizers, from any thread).
+        self._orphans: deque[_Slot] = deque()
+
+    @property
+    def in_use(self) -> int:
+        """Leases given out and not yet released (or dropped)."""
+        return len(self._leases)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> PooledChannel:
         """Take a channel for the calling thread.
@@ -75,52 +97,51 @@ class ChannelPool:
         (at once when ``block`` is false, else within ``timeout`` seconds).
         """
         deadline = None if timeout is None else monotonic() + timeout
-        orphans = []
         with self._lock:
-            while True:
-                while self._orphans:
-                    orphans.append(self._orphans.popleft())
-                    self._in_use -= 1
-                if self._idle or self.limit is None or self._in_use < self.limit:
-                    break
+            while not (self._idle or self.limit is None or len(self._leases) < self.limit):
                 remaining = None if deadline is None else deadline - monotonic()
                 if not block or (remaining is not None and remaining <= 0):
                     raise ChannelPoolLimitError(
                         f"channel pool limit of {self.limit} reached: all channels are in use"
                     )
-                # Releases notify; orphans (found by the garbage collector) cannot, so look again
-                # at least every ORPHAN_CHECK seconds.
+                # Releases notify; dropped leases (seen by the garbage collector) cannot, so
+                # look again at least every ORPHAN_CHECK seconds.
                 self._returned.wait(ORPHAN_CHECK if remaining is None
                                     else min(remaining, ORPHAN_CHECK))
-            channel = self._idle.pop() if self._idle else None
-            self._in_use += 1
-        for orphan in orphans:
-            self._close(orphan)
+            lease = PooledChannel(self, _Slot(self._idle.pop() if self._idle else None))
+            self._leases.add(lease)
+        self._close_orphans()
+        slot = lease._slot
         try:
-            if channel is None or not self._usable(channel):
-                channel = self.connection.channel()
-            channel.adopt()
-            return PooledChannel(self, channel)
+            if slot.channel is None or not self._usable(slot.channel):
+                slot.channel = self.connection.channel()
+            slot.channel.adopt()
         except BaseException:
-            with self._lock:
-                self._in_use -= 1
-                self._returned.notify()
+            lease.release(discard=True)
             raise
+        return lease
 
     def _usable(self, channel: Channel) -> bool:
         connection = channel.connection
         return (channel.is_open and connection is not None
                 and connection is self.connection._connection and connection.connected)
 
-    def _give_back(self, channel: Channel, discard: bool) -> None:
-        keep = not discard and self._usable(channel)
+    def _give_back(self, lease: PooledChannel, discard: bool) -> None:
+        channel = lease._slot.channel
+        keep = channel is not None and not discard and self._usable(channel)
         with self._lock:
-            self._in_use -= 1
+            self._leases.discard(lease)
             if keep:
                 self._idle.append(channel)
             self._returned.notify()
-        if not keep:
+        if not keep and channel is not None:
             self._close(channel)
+
+    def _close_orphans(self) -> None:
+        while self._orphans:
+            channel = self._orphans.popleft().channel
+            if channel is not None:
+                self._close(channel)
 
     @staticmethod
     def _close(channel: Channel) -> None:
@@ -139,5 +160,5 @@ class ChannelPool:
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
         self._idle = []
-        self._in_use = 0
+        self._leases = weakref.WeakSet()
         self._orphans = deque()
