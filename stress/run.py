@@ -148,20 +148,8 @@ class Monitor:
 
 
 def close_by_peer_port(vhost: str, peer_port: int, reason: str) -> bool:
-    """Force-close the connection of ``vhost`` from client port ``peer_port``.
-
-    rabbitmqctl 3.10's ``close_connection`` wants the connection's Erlang pid as the table
-    output prints it (``<rabbit@host.N.N.N>``); the server-side name and the JSON ``#PID<...>``
-    form are rejected with ``invalid_pid_syntax``.
-    """
-    out = rabbit_admin.rabbitmqctl("list_connections", "-q", "--no-table-headers",
-                                   "pid", "peer_port", "vhost")
-    for line in out.splitlines():
-        fields = line.split("\t")
-        if len(fields) == 3 and fields[2] == vhost and fields[1] == str(peer_port):
-            rabbit_admin.rabbitmqctl("close_connection", fields[0], reason)
-            return True
-    return False
+    """Force-close the connection of ``vhost`` from client port ``peer_port``."""
+    return rabbit_admin.close_connections(reason, vhost=vhost, peer_ports=[peer_port]) > 0
 
 
 class Chaos:

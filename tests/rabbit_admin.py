@@ -245,27 +245,33 @@ def wait_for_connections(
         time.sleep(interval)
 
 
-def close_connection(name: str, reason: str = "closed by test") -> None:
-    """Force-close one connection by its server-side ``name`` (``"a:p -> b:q"``)."""
-    rabbitmqctl("close_connection", name, reason)
-
-
 def close_connections(
     reason: str = "closed by test",
     connection_name: str | None = None,
     vhost: str | None = None,
     peer_ports: Iterable[int] | None = None,
 ) -> int:
-    """Force-close the connections matching every filter given; returns how many were asked to
-    close. With no filter at all this closes every connection on the node: pass one."""
+    """Force-close the connections matching every filter given; returns how many were closed.
+    With no filter at all this closes every connection on the node: pass one.
+
+    rabbitmqctl 3.10's ``close_connection`` wants the connection's Erlang pid as the table
+    output prints it (``<rabbit@host.N.N.N>``); the server-side name and the JSON ``#PID<...>``
+    form are rejected with ``invalid_pid_syntax``.
+    """
     matching = find_connections(connection_name, vhost=vhost, peer_ports=peer_ports)
+    wanted = {(conn["vhost"], conn["peer_port"]) for conn in matching}
+    out = rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid", "peer_port", "vhost")
     closed = 0
-    for conn in matching:
-        try:
-            close_connection(conn["name"], reason)
-        except RabbitmqctlError:
-            continue  # it went away on its own in the meantime
-        closed += 1
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if len(fields) != 3 or not fields[1].isdigit():
+            continue
+        if (fields[2], int(fields[1])) in wanted:
+            try:
+                rabbitmqctl("close_connection", fields[0], reason)
+            except RabbitmqctlError:
+                continue  # it went away on its own in the meantime
+            closed += 1
     return closed
 
 

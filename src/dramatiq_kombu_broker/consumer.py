@@ -56,9 +56,12 @@ class KombuConsumer(Consumer):
             broker.ensure_queues(q_name(queue_name), self.channel)
             self.channel.basic_qos(0, prefetch, False)
             self.channel.basic_consume(queue_name, callback=self._buffer.append)
-        except connection.connection_errors + connection.channel_errors as exc:
+        except BaseException as exc:
+            # dramatiq retries a failed consumer every few seconds: never leave its channel open.
             self._discard_channel()
-            raise ConnectionClosed(exc) from None
+            if isinstance(exc, (AMQPError, OSError)):
+                raise ConnectionClosed(exc) from None
+            raise
 
     def __next__(self) -> KombuMessage | None:
         buffer = self._buffer
@@ -86,6 +89,13 @@ class KombuConsumer(Consumer):
             )
             self._settle(self.channel, tag, ack=False)
             return None
+        if message.queue_name != self.queue_name:
+            # dramatiq finds the consumer to ack with by the message's queue name; a body naming
+            # another queue (a shovel, a manual re-publish) must still be acked here.
+            logger.warning("Message %s in queue %r names queue %r; handling it as %r.",
+                           message.message_id, self.queue_name, message.queue_name,
+                           self.queue_name)
+            message = message.copy(queue_name=self.queue_name)
         return KombuMessage(message, tag, raw.delivery_info["redelivered"], self.channel)
 
     def ack(self, message: KombuMessage) -> None:

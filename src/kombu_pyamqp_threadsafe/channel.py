@@ -68,6 +68,11 @@ class Channel(pyamqp.Channel):
                 "(open a channel in this thread, or take one from the channel pool)"
             )
 
+    # Upstream: forgets callbacks and the channel id. Here also the undispatched methods.
+    def collect(self) -> None:
+        self._mailbox.retire()
+        super().collect()
+
     def _raise_if_failed(self) -> None:
         """A channel whose connection failed raises why (upstream: "connection already closed")."""
         failure = self._failure

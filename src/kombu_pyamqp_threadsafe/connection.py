@@ -179,7 +179,7 @@ class Connection(pyamqp.Connection):
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
         try:
-            mailbox = inbox.get(timeout=None if timeout is None else max(timeout, 0.0))
+            mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
         except queue.Empty:
             raise TimeoutError("timed out") from None
         if mailbox is None:

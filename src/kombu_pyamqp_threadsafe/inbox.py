@@ -25,9 +25,26 @@ class Inbox(queue.SimpleQueue):
     def __init__(self) -> None:
         super().__init__()
         self.thread = threading.current_thread()
+        # The mailboxes this thread owns (changed by Mailbox, from any thread).
+        self.owned: set[Mailbox] = set()
 
     def wake(self) -> None:
         self.put(None)
+
+    def next_mailbox(self, timeout: float | None) -> Mailbox | None:
+        """The next doorbell; raises queue.Empty after ``timeout`` seconds.
+
+        An asynchronous exception (dramatiq's TimeLimit) can land after a doorbell was taken
+        and before its method was, leaving a method with no doorbell. So before blocking, an
+        empty inbox looks for an owned mailbox that still holds methods.
+        """
+        try:
+            return self.get_nowait()
+        except queue.Empty:
+            for mailbox in tuple(self.owned):
+                if mailbox.has_pending():
+                    return mailbox
+        return self.get(timeout=timeout)
 
 
 class Mailbox:
@@ -42,6 +59,10 @@ class Mailbox:
         # Guards the pairing of _pending with doorbells in owner's inbox: every method has a
         # doorbell in the inbox of the thread that owns the channel when it can be taken.
         self._lock = threading.Lock()
+        owner.owned.add(self)
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
     def post(self, method: Method) -> None:
         """Reader thread: keep ``method`` and ring the owner."""
@@ -61,6 +82,14 @@ class Mailbox:
         with self._lock:
             previous, self.owner = self.owner, inbox
             if previous is not inbox:
+                previous.owned.discard(self)
+                inbox.owned.add(self)
                 for _ in range(len(self._pending)):
                     inbox.put(self)
         return previous
+
+    def retire(self) -> None:
+        """The channel is gone: drop its methods and leave the owner's set."""
+        with self._lock:
+            self._pending.clear()
+            self.owner.owned.discard(self)

@@ -1,0 +1,1 @@
+"""Example applications for dramatiq_kombu_broker."""

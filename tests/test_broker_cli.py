@@ -1,0 +1,131 @@
+"""examples/app.py under the real ``dramatiq`` CLI, against the real RabbitMQ.
+
+Two worker processes with eight threads each: every process holds exactly two connections,
+processes what the test sends, and exits cleanly (code 0) on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dramatiq
+import pytest
+
+from broker_helpers import BrokerEnv, connections_named, raw_channel, unique, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+DRAMATIQ = Path(sys.executable).with_name("dramatiq")
+
+
+@pytest.fixture
+def env(amqp_url, vhost, connection_name):
+    env = BrokerEnv(amqp_url, vhost, connection_name)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+class Results:
+    """Reads the ``record`` messages the example's actors publish to the results queue."""
+
+    def __init__(self, amqp_url: str, queue: str) -> None:
+        self.amqp_url = amqp_url
+        self.queue = queue
+        self.records: list[list] = []
+
+    def drain(self) -> list[list]:
+        with raw_channel(self.amqp_url) as channel:
+            while True:
+                message = channel.basic_get(self.queue, no_ack=True)
+                if message is None:
+                    break
+                self.records.append(json.loads(message.body)["args"])
+        return self.records
+
+    def of_kind(self, kind: str) -> list[list]:
+        return [values[1:] for values in self.records if values[0] == kind]
+
+    def wait(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+            self.drain()
+        return True
+
+
+def test_example_app_under_the_dramatiq_cli(env, amqp_url, vhost, tmp_path):
+    queue = unique("ex")
+    results_queue = f"{queue}-results"
+    name = unique("example")
+
+    sender = env.broker()
+
+    @dramatiq.actor(broker=sender, queue_name=queue, actor_name="work")
+    def work(item):
+        raise AssertionError("processed by the CLI workers only")
+
+    sender.declare_queue(results_queue, ensure=True)
+    sender.declare_queue(queue, ensure=True)
+
+    log = tmp_path / "dramatiq.log"
+    environ = {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "EXAMPLE_QUEUE": queue,
+        "EXAMPLE_RESULTS_QUEUE": results_queue,
+        "EXAMPLE_CONNECTION_NAME": name,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(DRAMATIQ), "examples.app", "-p", "2", "-t", "8", "--queues", queue],
+            cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT,
+        )
+    try:
+        results = Results(amqp_url, results_queue)
+        booted = results.wait(lambda r: len(r.of_kind("boot")) >= 2, timeout=60)
+        assert booted, log.read_text()[-3000:]
+        pids = sorted(pid for [pid] in results.of_kind("boot"))
+        assert len(set(pids)) == 2 and process.pid not in pids
+
+        for item in range(60):
+            work.send(item)
+        done = results.wait(lambda r: {v[0] for v in r.of_kind("done")} >= set(range(60)),
+                            timeout=60)
+        assert done, (sorted(v[0] for v in results.of_kind("done")), log.read_text()[-3000:])
+        assert {v[1] for v in results.of_kind("done")} <= set(pids)
+
+        sender.join(queue, timeout=15_000)
+        assert sender.get_queue_message_counts(queue) == (0, 0, 0)
+
+        # Exactly two connections per worker process, and nothing else under the name.
+        expected = sorted(f"{name}-{pid}-{role}" for pid in pids
+                          for role in ("consumer", "producer"))
+        seen = wait_until(lambda: (lambda names: names if names == expected else None)(
+            connections_named(name, vhost)), timeout=15, interval=0.5)
+        assert seen == expected, connections_named(name, vhost)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise AssertionError(
+                f"dramatiq did not exit on SIGTERM:\n{log.read_text()[-3000:]}"
+            ) from None
+    assert code == 0, log.read_text()[-3000:]
+    assert wait_until(lambda: connections_named(name, vhost) == [], timeout=15), (
+        connections_named(name, vhost))
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
