@@ -11,8 +11,8 @@ BENCH_ARGS ?=
 
 VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Only lint the directories that exist (stress/ lands later).
-LINT_PATHS := $(wildcard src tests stress)
+# Lint every Python directory of the repository.
+LINT_PATHS := $(wildcard src tests stress examples)
 
 .PHONY: venv rabbitmq lint test stress bench clean
 
