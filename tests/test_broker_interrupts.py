@@ -222,7 +222,7 @@ def test_time_limit_while_waiting_for_the_confirm_leaves_the_channel_closable(en
     mailbox_lock.acquire()  # the reader cannot hand the confirm over yet
     try:
         pause.go.set()
-        assert _blocked_in(sender, "next_mailbox", "inbox.py")
+        assert _blocked_in(sender, "wait", "inbox.py")
         raise_thread_exception(sender.ident, TimeLimitExceeded)
     finally:
         mailbox_lock.release()

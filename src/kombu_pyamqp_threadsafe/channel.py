@@ -87,10 +87,28 @@ class Channel(pyamqp.Channel):
             self._check_owner()
         return super().send_method(sig, *args, **kwargs)
 
-    # Upstream: raises "connection closed" once the channel is collected; here the reason.
-    def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
+    # Upstream: before every publish drains the connection once (timeout=0) to notice a
+    # connection.blocked notification, and sets the socket's timeout around the write. Here the
+    # reader thread handles connection.blocked as it arrives, and a timeout bounds the wait
+    # for the write lock (FrameWriter), so a publish is one write. A collected channel raises
+    # why its connection stopped.
+    def _basic_publish(self, msg: Any, exchange: str = "", routing_key: str = "",
+                       mandatory: bool = False, immediate: bool = False,
+                       timeout: float | None = None, confirm_timeout: float | None = None,
+                       argsig: str = "Bssbb") -> Any:
         self._raise_if_failed()
-        return super()._basic_publish(*args, **kwargs)
+        connection = self.connection
+        if connection is None:
+            raise RecoverableConnectionError("basic_publish: connection closed")
+        args = (0, exchange, routing_key, mandatory, immediate)
+        if timeout is None:
+            return self.send_method(spec.Basic.Publish, argsig, args, msg)
+        try:
+            with connection.transport.having_timeout(timeout):
+                return self.send_method(spec.Basic.Publish, argsig, args, msg)
+        except TimeoutError as exc:
+            # As upstream (py-amqp#452): a publish that times out is a connection error.
+            raise RecoverableConnectionError("basic_publish: timed out") from exc
 
     basic_publish = _basic_publish
 

@@ -101,6 +101,8 @@ class Connection(pyamqp.Connection):
         self._local = threading.local()
         self._failure: Failure | None = None
         self._reader: Reader | None = None
+        # Owners to wake for methods the reader has routed in its current read (reader only).
+        self._doorbells: list[tuple[Inbox, Any]] = []
         self._close_ok = threading.Event()
         forksafe.register(self)
 
@@ -166,8 +168,16 @@ class Connection(pyamqp.Connection):
         if channel is None:
             logger.debug("dropped %s for unknown channel %s", method_sig, channel_id)
             return None
-        channel._mailbox.post((method_sig, payload, content))
+        mailbox = channel._mailbox
+        self._doorbells.append((mailbox.post((method_sig, payload, content)), mailbox))
         return None
+
+    def _ring_doorbells(self) -> None:
+        """Reader thread, after each read: wake the owners of what it brought."""
+        doorbells = self._doorbells
+        for inbox, mailbox in doorbells:
+            inbox.put(mailbox)
+        doorbells.clear()
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
     # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.

@@ -61,9 +61,12 @@ class Reader:
     def _loop(self) -> None:
         sock = self._sock
         recv = sock.recv
-        on_frame = self._connection.on_inbound_frame
+        connection = self._connection
+        on_frame = connection.on_inbound_frame
+        ring = connection._ring_doorbells
         frames = self._frames
         frames.feed(b"", on_frame)
+        ring()
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
         ssl_pending = getattr(sock, "pending", None)
@@ -81,6 +84,7 @@ class Reader:
                 raise OSError("Server unexpectedly closed connection")
             self._last_read = now = monotonic()
             frames.feed(data, on_frame)
+            ring()
             if now >= next_tick:
                 next_tick = self._heartbeat_tick()
 
