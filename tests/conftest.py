@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import suppress
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import amqp
 import pytest
 
 import rabbit_admin
+from broker_helpers import BrokerEnv
+from transport_helpers import kombu_connection
 
 _UNREACHABLE_HINT = (
     "Start one with `make rabbitmq` (scripts/ensure-rabbitmq), `docker compose up -d rabbitmq`, "
@@ -115,3 +119,31 @@ def server_connections() -> ServerConnections:
 def wait_for_connections() -> Callable[..., int]:
     """``wait_for_connections(name, expected, timeout=10) -> last count`` (polls the server)."""
     return rabbit_admin.wait_for_connections
+
+
+@pytest.fixture
+def env(amqp_url: str, vhost: str, connection_name: str) -> Iterator[BrokerEnv]:
+    """A BrokerEnv (brokers and workers made through it are stopped and closed at teardown)."""
+    env = BrokerEnv(amqp_url, vhost, connection_name)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def connect(amqp_url: str, connection_name: str) -> Iterator[Callable[..., Any]]:
+    """``connect(url=None, name=connection_name, **kwargs)`` -> a connected KombuConnection
+    (to the session vhost by default), closed at teardown."""
+    made = []
+
+    def factory(url: str | None = None, name: str = connection_name, **kwargs: Any) -> Any:
+        conn = kombu_connection(url or amqp_url, name, **kwargs)
+        made.append(conn)
+        conn.ensure_connection(max_retries=3)
+        return conn
+
+    yield factory
+    for conn in made:
+        with suppress(Exception):
+            conn.close()

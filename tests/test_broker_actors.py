@@ -17,7 +17,6 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 import rabbit_admin
 from broker_helpers import (
-    BrokerEnv,
     Recorder,
     consumer_channels,
     raw_channel,
@@ -25,15 +24,6 @@ from broker_helpers import (
     unique,
     wait_until,
 )
-
-
-@pytest.fixture
-def env(amqp_url, vhost, connection_name):
-    env = BrokerEnv(amqp_url, vhost, connection_name)
-    try:
-        yield env
-    finally:
-        env.close()
 
 
 def _idle(vhost: str, queue: str) -> dict | None:

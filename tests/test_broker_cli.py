@@ -15,21 +15,11 @@ import time
 from pathlib import Path
 
 import dramatiq
-import pytest
 
-from broker_helpers import BrokerEnv, connections_named, raw_channel, unique, wait_until
+from broker_helpers import connections_named, raw_channel, unique, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAMATIQ = Path(sys.executable).with_name("dramatiq")
-
-
-@pytest.fixture
-def env(amqp_url, vhost, connection_name):
-    env = BrokerEnv(amqp_url, vhost, connection_name)
-    try:
-        yield env
-    finally:
-        env.close()
 
 
 class Results:

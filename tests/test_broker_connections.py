@@ -18,7 +18,6 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 import rabbit_admin
 from broker_helpers import (
-    BrokerEnv,
     Recorder,
     close_connections_named,
     connection_info,
@@ -31,15 +30,6 @@ from broker_helpers import (
     unique,
     wait_until,
 )
-
-
-@pytest.fixture
-def env(amqp_url, vhost, connection_name):
-    env = BrokerEnv(amqp_url, vhost, connection_name)
-    try:
-        yield env
-    finally:
-        env.close()
 
 
 def _server_side_names(connection_name: str, vhost: str) -> list[str]:

@@ -11,18 +11,8 @@ import dramatiq
 import pytest
 
 import rabbit_admin
-from broker_helpers import DEAD_MESSAGE_TTL, BrokerEnv, unique
+from broker_helpers import DEAD_MESSAGE_TTL, unique
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
-
-
-@pytest.fixture
-def env(amqp_url, vhost, connection_name):
-    env = BrokerEnv(amqp_url, vhost, connection_name)
-    try:
-        yield env
-    finally:
-        env.close()
-
 
 # ---------------------------------------------------------------------------- invalid options
 

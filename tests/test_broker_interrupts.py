@@ -20,13 +20,11 @@ import traceback
 from contextlib import suppress
 
 import dramatiq
-import pytest
 from dramatiq.middleware import Middleware
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from broker_helpers import (
-    BrokerEnv,
     Recorder,
     lock_held,
     pool_in_use,
@@ -34,15 +32,6 @@ from broker_helpers import (
     unique,
     wait_until,
 )
-
-
-@pytest.fixture
-def env(amqp_url, vhost, connection_name):
-    env = BrokerEnv(amqp_url, vhost, connection_name)
-    try:
-        yield env
-    finally:
-        env.close()
 
 
 def _blocked_in(thread: threading.Thread, function: str | None, filename: str) -> bool:

@@ -29,23 +29,6 @@ from transport_helpers import (
 )
 
 
-@pytest.fixture
-def connect(amqp_url, connection_name):
-    """``connect(**kwargs)`` -> a connected KombuConnection, closed at teardown."""
-    made = []
-
-    def factory(url=None, name=connection_name, **kwargs):
-        conn = kombu_connection(url or amqp_url, name, **kwargs)
-        made.append(conn)
-        conn.ensure_connection(max_retries=3)
-        return conn
-
-    yield factory
-    for conn in made:
-        with suppress(Exception):
-            conn.close()
-
-
 def publish(channel, body, routing_key):
     channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=routing_key)
 

@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import suppress
 
 import pytest
 from amqp.exceptions import NotFound
 
 import kombu_pyamqp_threadsafe as ts
-from transport_helpers import Worker, join_all, kombu_connection, start_all
-
-
-@pytest.fixture
-def connect(amqp_url, connection_name):
-    """``connect(**kwargs)`` -> a connected KombuConnection, closed at teardown."""
-    made = []
-
-    def factory(name=connection_name, **kwargs):
-        conn = kombu_connection(amqp_url, name, **kwargs)
-        made.append(conn)
-        conn.ensure_connection(max_retries=3)
-        return conn
-
-    yield factory
-    for conn in made:
-        with suppress(Exception):
-            conn.close()
+from transport_helpers import Worker, join_all, start_all
 
 
 def test_pool_under_contention(connect, queue_name):

@@ -20,26 +20,9 @@ from amqp.exceptions import NotFound
 
 import kombu_pyamqp_threadsafe as ts
 import rabbit_admin
-from transport_helpers import Worker, join_all, kombu_connection, start_all
+from transport_helpers import Worker, join_all, start_all
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def connect(amqp_url, connection_name):
-    """``connect(**kwargs)`` -> a connected KombuConnection, closed at teardown."""
-    made = []
-
-    def factory(url=None, name=connection_name, **kwargs):
-        conn = kombu_connection(url or amqp_url, name, **kwargs)
-        made.append(conn)
-        conn.ensure_connection(max_retries=3)
-        return conn
-
-    yield factory
-    for conn in made:
-        with suppress(Exception):
-            conn.close()
 
 
 def message_count(channel, queue_name):
