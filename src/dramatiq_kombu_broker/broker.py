@@ -137,7 +137,7 @@ class KombuBroker(Broker):
         if ensure:
             retrying(lambda: self._with_producer_channel(
                 lambda channel: self.ensure_queues(canonical, channel)),
-                MAX_DECLARE_ATTEMPTS, self.settings.connect_timeout)
+                MAX_DECLARE_ATTEMPTS, self.settings.connect_timeout, self._producer_server)
 
     def forget_queue(self, canonical: str) -> None:
         """The server may have lost this queue: declare it again before its next use."""
@@ -201,7 +201,7 @@ class KombuBroker(Broker):
             logger.debug("enqueue of %s failed: %r", message.message_id, exc)
 
         retrying(lambda: self._with_producer_channel(publish), MAX_ENQUEUE_ATTEMPTS,
-                 self.settings.connect_timeout, on_error)
+                 self.settings.connect_timeout, self._producer_server, on_error)
         self.emit_after("enqueue", message, delay)
         return message
 
@@ -213,6 +213,9 @@ class KombuBroker(Broker):
             timeout=self.settings.connect_timeout
         ) as channel:
             return use(channel)
+
+    def _producer_server(self) -> str:
+        return self.producer_connection.as_uri()
 
     @staticmethod
     def connect(connection: KombuConnection) -> None:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 from amqp.exceptions import AMQPError
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.common import q_name
-from dramatiq.errors import ConnectionClosed, DecodeError
+from dramatiq.errors import DecodeError
 from dramatiq.message import Message, get_encoder
+
+from .retry import connection_closed
 
 if TYPE_CHECKING:
     from .broker import KombuBroker
@@ -60,7 +62,7 @@ class KombuConsumer(Consumer):
             # dramatiq retries a failed consumer every few seconds: never leave its channel open.
             self._discard_channel()
             if isinstance(exc, (AMQPError, OSError)):
-                raise ConnectionClosed(exc) from None
+                raise connection_closed(exc, connection.as_uri()) from None
             raise
 
     def __next__(self) -> KombuMessage | None:
@@ -75,13 +77,14 @@ class KombuConsumer(Consumer):
                 # because the queue was deleted): declare the queues again on restart.
                 self._closed = True
                 self.broker.forget_queue(q_name(self.queue_name))
-                raise ConnectionClosed(exc) from None
+                raise connection_closed(exc, self.broker.consumer_connection.as_uri()) from None
             if not buffer:
                 return None
         raw = buffer.popleft()
         tag = raw.delivery_info["delivery_tag"]
         try:
             message = Message.decode(raw.body)
+            _check_fields(message)
         except DecodeError:
             logger.exception(
                 "Dead-lettering undecodable message %s on queue %r (encoder %r).",
@@ -105,22 +108,27 @@ class KombuConsumer(Consumer):
         self._settle(message._channel, message._tag, ack=False)
 
     def _settle(self, channel: Any, tag: int, ack: bool) -> None:
-        verb = "ack" if ack else "nack"
         if channel is not self.channel or self._closed:
             # Delivery tags are per channel: on a newer channel this tag may name another message.
-            self._dropped += 1
-            log = logger.warning if self._dropped == 1 else logger.debug
-            log("Dropped %s of message %s on %r: its channel is gone, so the server redelivers "
-                "it (%d dropped on this consumer so far).", verb, tag, self.queue_name,
-                self._dropped)
+            self._drop(tag, ack)
             return
         try:
             if ack:
                 channel.basic_ack(tag)
             else:
                 channel.basic_reject(tag, requeue=False)
-        except (AMQPError, OSError) as exc:
-            raise ConnectionClosed(exc) from None
+        except (AMQPError, OSError):
+            # The channel died under the ack. Its deliveries go back to the queue, so no later
+            # attempt can settle this one (dramatiq's retry would only wait 5 s to drop it).
+            self._closed = True
+            self._drop(tag, ack)
+
+    def _drop(self, tag: int, ack: bool) -> None:
+        self._dropped += 1
+        log = logger.warning if self._dropped == 1 else logger.debug
+        log("Dropped %s of message %s on %r: its channel is gone, so the server redelivers it "
+            "(%d dropped on this consumer so far).", "ack" if ack else "nack", tag,
+            self.queue_name, self._dropped)
 
     def requeue(self, messages: Any) -> None:
         """No-op: the server requeues whatever a closed channel left unacked."""
@@ -134,3 +142,20 @@ class KombuConsumer(Consumer):
         if channel is not None and channel.is_open:
             with suppress(AMQPError, OSError):
                 channel.close()
+
+
+_FIELD_TYPES = {"queue_name": str, "actor_name": str, "args": (list, tuple), "kwargs": dict,
+                "options": dict}
+
+
+def _check_fields(message: Message) -> None:
+    """Raise DecodeError for a message dramatiq would choke on (it decodes any JSON object).
+
+    A ``kwargs`` that is not a dict, for one, kills the worker thread in dramatiq's own error
+    handler and the message is acked unprocessed; dead-lettering keeps it.
+    """
+    for name, types in _FIELD_TYPES.items():
+        value = getattr(message, name)
+        if not isinstance(value, types):
+            raise DecodeError(f"message field {name!r} is a {type(value).__name__}",
+                              value, None)

@@ -17,12 +17,18 @@ FATAL_REPLY_CODES = frozenset({403, 406, 530})
 FIRST_BACKOFF = 0.1
 
 
-def retrying(action: Callable[[], T], attempts: int, budget: float,
+def connection_closed(exc: BaseException, server: str) -> ConnectionClosed:
+    """dramatiq's ConnectionClosed for ``exc``, naming the (masked) server it came from."""
+    return ConnectionClosed(f"{exc} (AMQP server {server})")
+
+
+def retrying(action: Callable[[], T], attempts: int, budget: float, server: Callable[[], str],
              on_error: Callable[[BaseException], None] | None = None) -> T:
     """Run ``action`` until it succeeds, at most ``attempts`` times within ``budget`` seconds.
 
     Connection and channel errors are retried after a short, doubling pause (the next attempt
-    reconnects). The last error, or one no retry can fix, is raised as ConnectionClosed.
+    reconnects). The last error, or one no retry can fix, is raised as ConnectionClosed naming
+    ``server()``.
     """
     deadline = time.monotonic() + budget
     pause = FIRST_BACKOFF
@@ -35,7 +41,7 @@ def retrying(action: Callable[[], T], attempts: int, budget: float,
             remaining = deadline - time.monotonic()
             fatal = getattr(exc, "reply_code", None) in FATAL_REPLY_CODES
             if fatal or attempt == attempts or remaining <= 0:
-                raise ConnectionClosed(exc) from None
+                raise connection_closed(exc, server()) from None
             time.sleep(min(pause, remaining))
             pause *= 2
     raise AssertionError("attempts must be at least 1")

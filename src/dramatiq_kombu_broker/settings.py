@@ -18,7 +18,7 @@ DEFAULT_MAX_DELAY_MS = 366 * 24 * 3600 * 1000
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    urls: list[str]
+    urls: list[str] = field(repr=False)  # they hold passwords; masked_url is the printable form
     confirm_delivery: bool = True
     max_priority: int | None = None
     heartbeat: float = 60
@@ -127,12 +127,14 @@ def _check_url(url: str) -> None:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as exc:
         raise ValueError(f"url is malformed ({exc}): {_mask_loosely(url)!r}") from None
-    if parts.scheme not in SCHEMES:
+    if parts.scheme not in SCHEMES or "://" not in url:
         raise ValueError(f"url must start with amqp://, amqps:// or pyamqp://, got "
-                         f"{mask_url(url)!r}")
+                         f"{_mask_loosely(url)!r}")
 
 
 def _mask_loosely(url: str) -> str:
-    """Mask credentials of a URL too broken to parse: drop everything before the last '@'."""
+    """Mask credentials of a URL that may not parse: drop everything before the last '@'."""
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url

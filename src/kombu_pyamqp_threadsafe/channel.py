@@ -17,7 +17,7 @@ from amqp.exceptions import MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
 from .errors import ChannelOwnershipError, Failure
-from .inbox import Mailbox
+from .inbox import RETIRED, Mailbox
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class Channel(pyamqp.Channel):
         super().__init__(connection, channel_id, **kwargs)
 
     @property
-    def owner(self) -> threading.Thread:
-        """The thread that receives this channel's replies and deliveries."""
+    def owner(self) -> threading.Thread | None:
+        """The thread that receives this channel's replies and deliveries (None once closed)."""
         return self._mailbox.owner.thread
 
     def adopt(self) -> None:
@@ -61,9 +61,14 @@ class Channel(pyamqp.Channel):
 
     def _check_owner(self) -> None:
         connection = self.connection
-        if connection is not None and self._mailbox.owner is not connection._thread_inbox():
+        owner = self._mailbox.owner
+        if owner is RETIRED:  # collected by another thread (its connection failed) meanwhile
+            failure = self._failure
+            raise (failure.for_caller() if failure is not None
+                   else RecoverableConnectionError("channel already closed"))
+        if connection is not None and owner is not connection._thread_inbox():
             raise ChannelOwnershipError(
-                f"channel {self.channel_id} belongs to thread {self.owner.name!r}; "
+                f"channel {self.channel_id} belongs to thread {owner.thread.name!r}; "
                 f"thread {threading.current_thread().name!r} cannot wait for its replies "
                 "(open a channel in this thread, or take one from the channel pool)"
             )

@@ -199,7 +199,7 @@ class Connection(pyamqp.Connection):
             return None
         method = mailbox.take(inbox)
         channel = mailbox.channel
-        if method is None or channel.connection is None:
+        if method is None or channel is None or channel.connection is None:
             return None
         channel.dispatch_method(*method)
         return None

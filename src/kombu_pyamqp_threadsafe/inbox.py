@@ -131,13 +131,29 @@ class Inbox:
             self._wakeup.wait(remaining)
 
 
+class _RetiredInbox:
+    """The owner of a mailbox whose channel is gone: rings go nowhere, no descriptor held."""
+
+    thread = None
+    owned: set[Mailbox] = set()
+
+    def put(self, mailbox: Mailbox | None) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
+
+
+RETIRED: Any = _RetiredInbox()
+
+
 class Mailbox:
     """The methods received for one channel that its owner has not dispatched yet."""
 
     __slots__ = ("channel", "owner", "_pending", "_lock")
 
     def __init__(self, channel: Any, owner: Inbox) -> None:
-        self.channel = channel
+        self.channel: Any = channel
         self.owner = owner
         self._pending: deque[Method] = deque()
         # Guards _pending and owner together: a method appended for one owner is rung either
@@ -170,6 +186,8 @@ class Mailbox:
     def move_to(self, inbox: Inbox) -> Inbox:
         """Make ``inbox``'s thread the owner; return the previous owner's inbox."""
         with self._lock:
+            if self.owner is RETIRED:  # the channel was collected meanwhile: nothing to move
+                return RETIRED
             previous, self.owner = self.owner, inbox
             if previous is not inbox:
                 previous.owned.discard(self)
@@ -179,7 +197,11 @@ class Mailbox:
         return previous
 
     def retire(self) -> None:
-        """The channel is gone: drop its methods and leave the owner's set."""
+        """The channel is gone: drop its methods and every reference that makes a cycle, so
+        reference counting alone frees the channel, its mailbox and, once its thread ends, the
+        thread's inbox and eventfd (not whenever the cyclic collector runs)."""
         with self._lock:
             self._pending.clear()
             self.owner.owned.discard(self)
+            self.owner = RETIRED
+            self.channel = None

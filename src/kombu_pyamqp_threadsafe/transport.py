@@ -30,14 +30,16 @@ class Transport(pyamqp.Transport):
     # by default; ``ssl={"cert_reqs": ssl.CERT_NONE}`` turns verification off, with a warning.
     def establish_connection(self) -> Any:
         conninfo = self.client
-        given = conninfo.ssl
+        given, hostname = conninfo.ssl, conninfo.hostname
         if not given:
             return super().establish_connection()
-        conninfo.ssl = verified_tls_options(given, conninfo.hostname)
+        conninfo.ssl = verified_tls_options(given, hostname)
         try:
             return super().establish_connection()
         finally:
-            conninfo.ssl = given
+            # kombu rewrites "localhost" to "127.0.0.1" in place; the next connect must verify
+            # the certificate against the name the application gave again.
+            conninfo.ssl, conninfo.hostname = given, hostname
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         raise NotImplementedError(

@@ -1,0 +1,185 @@
+"""Reliability under faults: KombuBroker loses nothing when RabbitMQ or the network fails.
+
+    python -m stress.faults                      # every fault case, then the results table
+    python -m stress.faults --cases close-all,silent-network
+    python -m stress.faults --skip restart       # leave the server alone (shared servers)
+    python -m stress.faults --loops 50           # resource hygiene over 50 faults
+    python -m stress.faults --idle               # a worker idle for 600 s (--idle SECONDS)
+
+Each fault case runs a real dramatiq Worker (64 threads) on KombuBroker while senders stream a
+few thousand messages, each with an id, and injects one fault:
+
+- ``close-all``: the server closes every connection (``rabbitmqctl close_all_connections``)
+  three times during the run;
+- ``restart``: the server restarts (``rabbitmqctl stop_app``, 3 s, ``start_app``). This
+  disconnects EVERY client of the RabbitMQ node; the server is always started again;
+- ``silent-network``: a TCP proxy stops forwarding without closing anything (heartbeat 2 s),
+  then forwards again: the loss is detected through heartbeats and the worker reconnects;
+- ``network-reset``: the proxy resets every connection (TCP RST), three times, while 64
+  threads publish as fast as they can;
+- ``channel-close``: the server closes one consumer's channel while the others keep going;
+- ``sigterm``: the worker (the ``dramatiq`` CLI, 2 processes) gets SIGTERM mid-run and is
+  started again.
+
+The table gives, per case: messages sent, distinct messages processed, lost (sent but never
+processed), duplicates (processed more than once: delivery is at-least-once) and the recovery
+time: from the end of the fault until a message sent afterwards was accepted and a message
+delivered on a new consumer channel was processed (the slowest of the case's faults).
+
+All cases connect as a throw-away user with a distinctive password and check that it appears
+in no log line. Everything runs in a vhost of its own, deleted at the end.
+
+Exit status: 0 when nothing was lost and every case recovered; 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The scenarios are shared with the pytest suite, whose helpers import each other by their
+# plain module names (tests/ is on pytest's path).
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+import fault_helpers as fh  # noqa: E402
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m stress.faults", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL,
+                        help="the RabbitMQ (default: AMQP_URL or %(default)s)")
+    parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
+                        f"{','.join(ORDER)}; none when --loops or --idle is given)")
+    parser.add_argument("--skip", default="", help="comma-separated cases to leave out")
+    parser.add_argument("--messages", type=int, default=fh.SCRIPT_SCALE.messages,
+                        help="messages per case (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=fh.SCRIPT_SCALE.threads,
+                        help="worker threads (default %(default)s)")
+    parser.add_argument("--senders", type=int, default=fh.SCRIPT_SCALE.senders,
+                        help="threads streaming the messages (default %(default)s)")
+    parser.add_argument("--burst-senders", type=int, default=fh.SCRIPT_SCALE.burst_senders,
+                        help="threads publishing flat out in network-reset "
+                             "(default %(default)s)")
+    parser.add_argument("--rate", type=float, default=fh.SCRIPT_SCALE.send_rate,
+                        help="messages per second streamed (default %(default)s)")
+    parser.add_argument("--work-ms", type=float, default=fh.SCRIPT_SCALE.work_ms,
+                        help="time each message takes in the actor (default %(default)s)")
+    parser.add_argument("--processes", type=int, default=fh.SCRIPT_SCALE.cli_processes,
+                        help="dramatiq CLI processes in the sigterm case (default %(default)s)")
+    parser.add_argument("--loops", type=int, metavar="N",
+                        help="resource hygiene: N faults in turn on one worker, threads, "
+                             "file descriptors and server channels before vs after")
+    parser.add_argument("--idle", type=float, nargs="?", const=600.0, metavar="SECONDS",
+                        help="idle test: a worker idle for SECONDS (600 if not given) still "
+                             "holds its connections and consumes")
+    parser.add_argument("--heartbeat", type=float, default=None,
+                        help="heartbeat of the idle test (default: the broker's, 60 s)")
+    parser.add_argument("--output", type=Path, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+    if args.cases is None:
+        args.cases = "" if (args.loops or args.idle) else ",".join(ORDER)
+    cases = [c for c in args.cases.split(",") if c]
+    skip = {c for c in args.skip.split(",") if c}
+    unknown = [c for c in [*cases, *skip] if c not in fh.FAULT_CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; known: {', '.join(ORDER)}")
+    args.case_list = [c for c in ORDER if c in cases and c not in skip]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scale = replace(fh.SCRIPT_SCALE, messages=args.messages, threads=args.threads,
+                    senders=args.senders, burst_senders=args.burst_senders,
+                    send_rate=args.rate, work_ms=args.work_ms, cli_processes=args.processes)
+    work_dir = Path(tempfile.mkdtemp(prefix="faults-"))
+    log_file = work_dir / "run.log"
+    logging.basicConfig(filename=log_file, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s %(message)s")
+    progress(f"logs and CLI output in {work_dir}")
+    report: list[str] = []
+    failed = False
+    with fh.scratch_vhost("faults") as vhost, fh.secret_user(vhost) as (user, password):
+        ctx = fh.Context(fh.url_with(args.url, vhost, user, password), vhost, scale,
+                         secret=password, work_dir=work_dir)
+        results: list[fh.FaultResult] = []
+        for case in args.case_list:
+            if case == "restart":
+                progress("restarting RabbitMQ (stop_app/start_app): every client of the node "
+                         "is disconnected")
+            progress(f"{case}: {scale.messages} messages, {scale.threads} worker threads")
+            try:
+                result = fh.FAULT_CASES[case](ctx)
+            except Exception as exc:  # noqa: BLE001 - reported as a failed case
+                logging.exception("case %s failed", case)
+                result = fh.FaultResult(case, problems=[f"{type(exc).__name__}: {exc}"])
+            results.append(result)
+            failed |= not result.ok
+            progress(("ok  " if result.ok else "FAIL") + " " + result.explain().splitlines()[0])
+            for line in result.explain().splitlines()[1:]:
+                progress("     " + line)
+        if results:
+            report += ["## Faults under load", "",
+                       f"{scale.threads} worker threads, {scale.messages} messages per case "
+                       f"(streamed by {scale.senders} threads at {scale.send_rate:g}/s, "
+                       f"{scale.work_ms:g} ms of work each).", "",
+                       fh.markdown_table(results), "", fh.details_table(results), ""]
+        if args.loops:
+            progress(f"fault loop: {args.loops} faults")
+            try:
+                hygiene = fh.fault_loop(ctx, args.loops, progress=progress)
+                problems = hygiene.problems + hygiene.result.unexpected_logs[:3]
+                report += [f"## Resource hygiene ({args.loops} faults)", "", hygiene.table(),
+                           "", f"faults: {dict(hygiene.faults)}; messages: "
+                           f"sent {hygiene.result.sent}, lost {hygiene.result.lost}, "
+                           f"duplicates {hygiene.result.duplicates}", ""]
+            except Exception as exc:  # noqa: BLE001
+                logging.exception("fault loop failed")
+                problems = [f"{type(exc).__name__}: {exc}"]
+            report += [f"problem: {p}" for p in problems]
+            failed |= bool(problems)
+        if args.idle:
+            progress(f"idle test: {args.idle:.0f} s")
+            try:
+                idle = fh.idle_case(ctx, args.idle, heartbeat=args.heartbeat, progress=progress)
+                problems = idle.problems
+                report += [f"## Idle for {args.idle:.0f} s (heartbeat {idle.heartbeat:g} s)", "",
+                           f"connections before: {idle.ports_before}",
+                           f"connections after:  {idle.ports_after}",
+                           f"heartbeat negotiated with the server: {idle.server_heartbeat}",
+                           f"'connection lost' warnings while idle: {idle.lost_warnings}",
+                           f"a message sent after the idle period: accepted in "
+                           f"{idle.send_after:.3f} s, processed "
+                           + (f"{idle.latency_after:.3f} s after it was sent"
+                              if idle.latency_after is not None else "never"), ""]
+            except Exception as exc:  # noqa: BLE001
+                logging.exception("idle test failed")
+                problems = [f"{type(exc).__name__}: {exc}"]
+            report += [f"problem: {p}" for p in problems]
+            failed |= bool(problems)
+    text = "\n".join(report)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    progress("FAILED" if failed else "all cases passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
