@@ -198,13 +198,7 @@ def test_amqps_refuses_an_unknown_ca(tls_proxy, vhost, connection_name):
     })
     threads_before = threading.active_count()
     try:
-        with pytest.raises(Exception) as info:  # noqa: B017 - kombu wraps it
-            conn.ensure_connection(max_retries=1, interval_start=0)
-        chain, error = [], info.value
-        while error is not None:
-            chain.append(error)
-            error = error.__cause__ or error.__context__
-        assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
+        assert_certificate_refused(conn)
         assert not conn.connected
     finally:
         with suppress(Exception):
@@ -227,13 +221,7 @@ def test_amqps_verifies_the_certificate_by_default(tls_files, tls_proxy, vhost,
     # Nothing given: the throw-away CA is unknown, so the connection is refused.
     conn = kombu_connection(url, connection_name)
     try:
-        with pytest.raises(Exception) as info:  # noqa: B017 - kombu wraps it
-            conn.ensure_connection(max_retries=1, interval_start=0)
-        chain, error = [], info.value
-        while error is not None:
-            chain.append(error)
-            error = error.__cause__ or error.__context__
-        assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
+        assert_certificate_refused(conn)
     finally:
         with suppress(Exception):
             conn.close()
@@ -245,3 +233,15 @@ def test_amqps_transport_is_the_shared_one(tls_files, tls_proxy, vhost, connecti
     conn = ts.KombuConnection(url)
     assert isinstance(conn.transport, ts.SSLTransport)
     conn.close()
+
+
+def assert_certificate_refused(conn) -> None:
+    """Connecting fails, and somewhere in the chain of errors (kombu wraps it) is the
+    certificate verification."""
+    with pytest.raises(Exception) as info:  # noqa: B017 - kombu wraps it
+        conn.ensure_connection(max_retries=1, interval_start=0)
+    chain, error = [], info.value
+    while error is not None:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
