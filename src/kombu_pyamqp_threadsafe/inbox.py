@@ -19,6 +19,8 @@ from contextlib import suppress
 from time import monotonic
 from typing import Any
 
+from . import forksafe
+
 #: A method as the reader hands it over: (method_sig, payload, content).
 Method = tuple[Any, Any, Any]
 
@@ -62,26 +64,31 @@ def _close_pair(read_fd: int, write_fd: int) -> None:
     os.close(write_fd)
 
 
-#: Each thread's Wakeup. A thread waits on one connection at a time, so one descriptor per
-#: thread serves all its inboxes (a ring from another connection is a spurious wake-up); it
-#: closes when the thread ends, whatever happens to the connections.
-_wakeups = threading.local()
+class _ThreadWakeups:
+    """Each thread's Wakeup. A thread waits on one connection at a time, so one descriptor per
+    thread serves all its inboxes (a ring from another connection is a spurious wake-up); it
+    closes when the thread ends, whatever happens to the connections."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self) -> Wakeup:
+        wakeup = getattr(self._local, "wakeup", None)
+        if wakeup is None:
+            wakeup = self._local.wakeup = Wakeup()
+        return wakeup
+
+    def _after_fork_in_child(self) -> None:
+        # The child must not share an eventfd with its parent (it would steal the parent's wakes).
+        self._local = threading.local()
+
+
+_wakeups = _ThreadWakeups()
+forksafe.register(_wakeups)
 
 
 def thread_wakeup() -> Wakeup:
-    wakeup = getattr(_wakeups, "wakeup", None)
-    if wakeup is None:
-        wakeup = _wakeups.wakeup = Wakeup()
-    return wakeup
-
-
-def _forget_wakeups_after_fork() -> None:
-    # The child must not share an eventfd with its parent (it would steal the parent's wakes).
-    global _wakeups
-    _wakeups = threading.local()
-
-
-os.register_at_fork(after_in_child=_forget_wakeups_after_fork)
+    return _wakeups.get()
 
 
 class Inbox:
