@@ -32,6 +32,7 @@ from broker_helpers import (
     unique,
     wait_until,
 )
+from kombu_pyamqp_threadsafe import frames
 
 
 def _blocked_in(thread: threading.Thread, function: str | None, filename: str) -> bool:
@@ -84,10 +85,13 @@ def _setup(env):
     return broker, queue, task
 
 
-def test_time_limit_while_waiting_to_write_leaves_the_connection_usable(env):
-    """frames.py FrameWriter.__call__: ``if not self.lock.acquire(...)`` comes before
-    ``try:``, so an interrupt raised as acquire() returns leaves the write lock held forever:
-    every later write on the connection (sends, acks' channel opens, heartbeats, close) hangs."""
+def test_time_limit_while_waiting_to_write_leaves_the_connection_usable(env, monkeypatch):
+    """frames.py FrameWriter: ``if not self.lock.acquire(...)`` before ``try:`` would let an
+    interrupt raised as acquire() returns leave the write lock held forever: every later write
+    on the connection (sends, acks' channel opens, heartbeats, close) would hang. A send waits
+    for the lock only when the queue of messages for the writing thread is full; a limit of 0
+    makes every send wait."""
+    monkeypatch.setattr(frames, "MAX_QUEUED", 0)
     broker, queue, task = _setup(env)
     writer = broker.producer_connection.connection.frame_writer
     outcome = Recorder()
@@ -95,7 +99,7 @@ def test_time_limit_while_waiting_to_write_leaves_the_connection_usable(env):
     writer.lock.acquire()  # another thread is writing a large message
     try:
         sender.start()
-        assert _blocked_in(sender, "__call__", "frames.py")
+        assert _blocked_in(sender, "_write_waiting", "frames.py")
         raise_thread_exception(sender.ident, TimeLimitExceeded)
     finally:
         writer.lock.release()
@@ -142,10 +146,11 @@ def test_time_limit_while_waiting_for_the_channel_pool_leaks_no_lease(env):
     assert leaked == 0, f"{leaked} pool lease(s) leaked with no channel out"
 
 
-def test_time_limit_while_returning_a_channel_leaks_no_lease(env):
+def test_time_limit_while_returning_a_channel_leaks_no_lease(env, monkeypatch):
     """The interrupt lands while the sender, its message confirmed, waits for the pool's lock
     to give its channel back: the lease must still end up returned (count back to 0), not
     flagged released with its channel open on the server and owned by nobody."""
+    monkeypatch.setattr(frames, "MAX_QUEUED", 0)  # the sender waits for the write lock
     broker, queue, task = _setup(env)
     pool = broker.producer_connection.default_channel_pool
     writer = broker.producer_connection.connection.frame_writer
@@ -156,7 +161,7 @@ def test_time_limit_while_returning_a_channel_leaks_no_lease(env):
     writer.lock.acquire()
     try:
         sender.start()
-        assert _blocked_in(sender, "__call__", "frames.py")
+        assert _blocked_in(sender, "_write_waiting", "frames.py")
         pool._lock.acquire()
     finally:
         writer.lock.release()

@@ -45,18 +45,20 @@ class Channel(pyamqp.Channel):
         """The thread that receives this channel's replies and deliveries (None once closed)."""
         return self._mailbox.owner.thread
 
-    def adopt(self) -> None:
+    def adopt(self, wake_previous: bool = True) -> None:
         """Make the calling thread the owner (a pool hands the channel to a new thread).
 
         Methods not yet dispatched, and all that arrive from now on, go to the caller. The
-        previous owner is woken so a wait of its own on this channel does not block on.
+        previous owner is woken so a wait of its own on this channel does not block on; the
+        pool passes ``wake_previous=False``, since a lessee that gave the channel back waits on
+        it no more (waking it would only cost a spurious wake-up per lease).
         """
         connection = self.connection
         if connection is None:
             return
         inbox = connection._current_inbox()
         previous = self._mailbox.move_to(inbox)
-        if previous is not inbox:
+        if wake_previous and previous is not inbox:
             previous.wake()
 
     def _check_owner(self) -> None:

@@ -256,6 +256,12 @@ class Connection(pyamqp.Connection):
         self._fail(Failure(ConnectionLostError, f"AMQP connection lost: {exc}", exc))
         self._teardown()
 
+    def _on_write_failure(self, exc: BaseException) -> None:
+        """A write broke off with other threads' messages in it: nobody can resend those, so
+        the connection fails and every thread waiting on it gets a recoverable error."""
+        self._fail(Failure(ConnectionLostError, f"AMQP connection lost: write failed: {exc!r}",
+                           exc))
+
     # -- failure and teardown ----------------------------------------------------------------
 
     def _fail(self, failure: Failure) -> bool:
@@ -348,7 +354,7 @@ class Connection(pyamqp.Connection):
         )
         writer = self._frame_writer
         if isinstance(writer, FrameWriter):
-            writer.lock = threading.RLock()
+            writer.reset_after_fork()
         transport = self._transport
         if transport is not None:
             sock, transport.sock = transport.sock, None

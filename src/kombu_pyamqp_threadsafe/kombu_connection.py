@@ -103,6 +103,9 @@ class KombuConnection(kombu.Connection):
     @property
     def default_channel_pool(self) -> ChannelPool:
         """A bounded pool of channels shared by all threads of this connection."""
+        pool = self._channel_pool
+        if pool is not None:
+            return pool
         with self._pool_lock:
             if self._channel_pool is None:
                 self._channel_pool = ChannelPool(self, self._channel_pool_limit)

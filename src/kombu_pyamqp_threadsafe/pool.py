@@ -80,7 +80,11 @@ class ChannelPool:
         # Guards _idle and _leases.
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
-        self._idle: list[Channel] = []
+        # Idle channels, oldest first (a dict: the channel a thread used last is found at once).
+        self._idle: dict[Channel, None] = {}
+        # Each thread's last channel: handing it back to the same thread spares moving its
+        # mailbox to another owner.
+        self._local = threading.local()
         self._leases: weakref.WeakSet[PooledChannel] = weakref.WeakSet()
         # Slots of leases dropped unreleased (appended by finalizers, from any thread).
         self._orphans: deque[_Slot] = deque()
@@ -108,18 +112,29 @@ class ChannelPool:
                 # look again at least every ORPHAN_CHECK seconds.
                 self._returned.wait(ORPHAN_CHECK if remaining is None
                                     else min(remaining, ORPHAN_CHECK))
-            lease = PooledChannel(self, _Slot(self._idle.pop() if self._idle else None))
+            lease = PooledChannel(self, _Slot(self._take_idle()))
             self._leases.add(lease)
         self._close_orphans()
         slot = lease._slot
         try:
             if slot.channel is None or not self._usable(slot.channel):
                 slot.channel = self.connection.channel()
-            slot.channel.adopt()
+            slot.channel.adopt(wake_previous=False)
         except BaseException:
             lease.release(discard=True)
             raise
         return lease
+
+    def _take_idle(self) -> Channel | None:
+        """Under the lock: the calling thread's last channel if idle, else the newest idle."""
+        idle = self._idle
+        if not idle:
+            return None
+        last = getattr(self._local, "last", None)
+        channel = last() if last is not None else None
+        if channel is not None and idle.pop(channel, False) is None:
+            return channel
+        return idle.popitem()[0]
 
     def _usable(self, channel: Channel) -> bool:
         connection = channel.connection
@@ -132,9 +147,11 @@ class ChannelPool:
         with self._lock:
             self._leases.discard(lease)
             if keep:
-                self._idle.append(channel)
+                self._idle[channel] = None
             self._returned.notify()
-        if not keep and channel is not None:
+        if keep:
+            self._local.last = weakref.ref(channel)
+        elif channel is not None:
             self._close(channel)
 
     def _close_orphans(self) -> None:
@@ -152,13 +169,14 @@ class ChannelPool:
     def close(self) -> None:
         """Close the idle channels; leased ones are closed when they come back."""
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle = self._idle, {}
         for channel in idle:
             self._close(channel)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         self._returned = threading.Condition(self._lock)
-        self._idle = []
+        self._idle = {}
+        self._local = threading.local()
         self._leases = weakref.WeakSet()
         self._orphans = deque()

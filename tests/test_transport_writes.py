@@ -1,0 +1,164 @@
+"""The shared connection's writer (frames.FrameWriter): combined writes from many threads.
+
+A thread that finds another one writing queues its message for it. These tests show that no
+message is ever left in the queue, and that an interrupt landing on the writing thread (as
+dramatiq's TimeLimit does) neither drops another thread's message nor breaks the connection.
+Everything runs against the real RabbitMQ; threads synchronise with Events.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from dramatiq.middleware.threading import raise_thread_exception
+
+from test_transport_routing import publish, wait_message_count
+from transport_helpers import Worker, join_all, start_all
+
+
+def test_combined_writes_leave_no_message_behind(connect, queue_name):
+    """Publishers that find another thread writing queue their message for it (frames.py). A
+    message queued just as the writer lets the lock go must still be written: after every
+    round the count is checked from another connection, with no later write on this one that
+    could flush a message left behind."""
+    conn = connect()
+    observer = connect().default_channel
+    conn.default_channel.queue_declare(queue_name, auto_delete=False)
+    threads, per_thread = 32, 200
+    for round_number in range(1, 6):
+        barrier = threading.Barrier(threads)
+
+        def publisher(barrier):
+            channel = conn.default_channel
+            barrier.wait(20)
+            for _ in range(per_thread):
+                publish(channel, b"m", queue_name)
+
+        workers = [Worker(publisher, barrier) for _ in range(threads)]
+        assert join_all(start_all(workers), 60) == []
+        assert [w.error for w in workers if w.error is not None] == []
+        expected = round_number * threads * per_thread
+        assert wait_message_count(observer, queue_name, expected, timeout=10) == expected
+    observer.queue_delete(queue_name)
+
+
+class _LockWithHook:
+    """The write lock, running ``before_release`` once, just before the lock is let go."""
+
+    def __init__(self, lock, before_release):
+        self._lock = lock
+        self._before_release = before_release
+
+    def acquire(self, *args, **kwargs):
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        hook, self._before_release = self._before_release, None
+        if hook is not None:
+            hook()
+        self._lock.release()
+
+    def _is_owned(self):
+        return self._lock._is_owned()
+
+
+def test_message_queued_as_the_writer_lets_go_is_written(connect, queue_name):
+    """The race the hammer above rarely hits, made to happen: another thread queues a message
+    after the writer's last look at the queue and before it releases the lock (so it cannot
+    take the lock itself). The writer must notice and write it."""
+    conn = connect()
+    observer = connect().default_channel
+    channel = conn.default_channel
+    channel.queue_declare(queue_name, auto_delete=False)
+    ready, go, published = threading.Event(), threading.Event(), threading.Event()
+
+    def late_publisher():
+        late_channel = conn.default_channel  # opened now: Channel.Open needs a reply
+        ready.set()
+        assert go.wait(10)
+        publish(late_channel, b"late", queue_name)
+        published.set()
+
+    late = start_all([Worker(late_publisher)])
+
+    def let_the_late_publisher_in():
+        go.set()
+        assert published.wait(10)
+
+    assert ready.wait(10)
+    writer = conn.connection.frame_writer
+    writer.lock = _LockWithHook(writer.lock, let_the_late_publisher_in)
+    publish(channel, b"first", queue_name)
+    assert join_all(late, 10) == []
+    assert late[0].error is None, repr(late[0].error)
+    assert wait_message_count(observer, queue_name, 2) == 2
+    observer.queue_delete(queue_name)
+
+
+class Interrupt(BaseException):
+    """Stands for dramatiq's TimeLimitExceeded (also raised asynchronously)."""
+
+
+def _interrupt_the_writer(conn, observer, queue_name, send_first):
+    """A writer thread is inside its send (holding the lock) when another thread publishes and
+    the writer is interrupted: before its batch leaves the queue (``send_first`` false) or
+    right after the kernel took it. Returns what the writer raised."""
+    writer = conn.connection.frame_writer
+    real_sendmsg = writer._sendmsg
+    inside, go_on = threading.Event(), threading.Event()
+
+    def gated_sendmsg(buffers):
+        if not inside.is_set():  # only the writer thread's first batch waits
+            sent = real_sendmsg(buffers) if send_first else None
+            inside.set()
+            assert go_on.wait(10)
+            if sent is not None:
+                return sent
+        return real_sendmsg(buffers)
+
+    ready = threading.Event()
+
+    def write():
+        channel = conn.default_channel  # Channel.Open needs a reply: open before gating
+        ready.set()
+        assert inside_wanted.wait(10)
+        publish(channel, b"writer", queue_name)
+
+    inside_wanted = threading.Event()
+    writer_thread = Worker(write)
+    start_all([writer_thread])
+    assert ready.wait(10)
+    writer._sendmsg = gated_sendmsg
+    inside_wanted.set()
+    assert inside.wait(10)
+    main = conn.default_channel
+    publish(main, b"queued", queue_name)  # the lock is taken: this only queues
+    raise_thread_exception(writer_thread.ident, Interrupt)
+    go_on.set()
+    assert join_all([writer_thread], 10) == []
+    return writer_thread.error
+
+
+def test_interrupt_before_the_batch_leaves_the_queue_drops_nothing(connect, queue_name):
+    conn = connect()
+    observer = connect().default_channel
+    conn.default_channel.queue_declare(queue_name, auto_delete=False)
+    amqp_connection = conn.connection
+    error = _interrupt_the_writer(conn, observer, queue_name, send_first=False)
+    assert isinstance(error, Interrupt)
+    # Both messages were still queued: the interrupted writer wrote them on its way out.
+    assert wait_message_count(observer, queue_name, 2) == 2
+    assert amqp_connection._failure is None and conn.connection is amqp_connection
+
+
+def test_interrupt_after_the_batch_was_sent_keeps_the_connection(connect, queue_name):
+    conn = connect()
+    observer = connect().default_channel
+    conn.default_channel.queue_declare(queue_name, auto_delete=False)
+    amqp_connection = conn.connection
+    error = _interrupt_the_writer(conn, observer, queue_name, send_first=True)
+    assert isinstance(error, Interrupt)
+    # The writer's batch reached the kernel whole; the message queued meanwhile was written
+    # by the interrupted writer on its way out. The connection was not failed.
+    assert wait_message_count(observer, queue_name, 2) == 2
+    assert amqp_connection._failure is None and conn.connection is amqp_connection
