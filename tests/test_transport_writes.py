@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import threading
 
+import amqp
+from amqp import spec
+from amqp.serialization import dumps
 from dramatiq.middleware.threading import raise_thread_exception
 
+from kombu_pyamqp_threadsafe import frames
 from test_transport_routing import publish, wait_message_count
 from transport_helpers import Worker, join_all, start_all
 
@@ -162,3 +166,35 @@ def test_interrupt_after_the_batch_was_sent_keeps_the_connection(connect, queue_
     # by the interrupted writer on its way out. The connection was not failed.
     assert wait_message_count(observer, queue_name, 2) == 2
     assert amqp_connection._failure is None and conn.connection is amqp_connection
+
+
+def test_message_queued_while_a_batch_leaves_the_queue_is_written_next(connect, queue_name):
+    """Another thread can append while a batch is popped (a garbage collection inside the
+    send may run finalizers and switch threads): the batch is unchanged and the new message
+    goes out in the next one."""
+    conn = connect()
+    observer = connect().default_channel
+    channel = conn.default_channel
+    channel.queue_declare(queue_name, auto_delete=False)
+    writer = conn.connection.frame_writer
+    late = frames.encode_method(
+        1, channel.channel_id, spec.Basic.Publish, dumps("Bssbb", (0, "", queue_name, False,
+                                                                   False)),
+        amqp.Message(b"late"), conn.connection.frame_max)
+    real_sendmsg = writer._sendmsg
+    appended = []
+
+    def appending_sendmsg(buffers):
+        def interleaved():
+            for item in buffers:
+                if not appended:
+                    writer._queued.append(late)
+                    appended.append(True)
+                yield item
+        return real_sendmsg(interleaved())
+
+    writer._sendmsg = appending_sendmsg
+    publish(channel, b"first", queue_name)
+    assert appended
+    assert wait_message_count(observer, queue_name, 2) == 2
+    assert conn.connection._failure is None

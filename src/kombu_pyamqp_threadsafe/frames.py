@@ -17,7 +17,7 @@ import ssl
 import threading
 from collections import deque
 from collections.abc import Callable
-from itertools import islice, repeat, starmap, tee
+from itertools import repeat, starmap, tee
 from struct import Struct
 from time import monotonic
 from typing import Any
@@ -185,22 +185,23 @@ class FrameWriter:
                 # waits for a reply or a confirm is woken by the failure.
                 queued.clear()
                 return
-            count = min(len(queued), MAX_BATCH)
             first = queued[0]
-            total = sent = None
+            sent = kept = None
             try:
                 if self._sendmsg is None:
                     self._transport.write(queued.popleft())
                 else:
-                    total = sum(map(len, islice(queued, count)))
-                    kept, feed = tee(starmap(queued.popleft, repeat((), count)))
+                    # Never iterate the queue itself: a garbage collection during the
+                    # iteration can run finalizers, switch threads and let one append.
+                    batch = starmap(queued.popleft, repeat((), min(len(queued), MAX_BATCH)))
+                    kept, counted, feed = tee(batch, 3)
                     sent = self._sendmsg(feed)  # pops the batch as it sends it
-                    if sent < total:  # a signal interrupted the send part-way
+                    if sent < sum(map(len, counted)):  # a signal interrupted the send
                         self._transport.write(b"".join(kept)[sent:])
             except BaseException as exc:
                 # Interrupted before the batch left the queue, it is still there for _drain.
                 if not queued or queued[0] is not first:
-                    self._batch_interrupted(exc, total, sent)
+                    self._batch_interrupted(exc, sent, kept)
                 failure = connection._failure
                 if isinstance(exc, OSError) and failure is not None:
                     # The socket was shut because the connection stopped: say why.
@@ -208,22 +209,24 @@ class FrameWriter:
                 raise
             self.last_write = monotonic()
 
-    def _batch_interrupted(self, exc: BaseException, total: int | None,
-                           sent: int | None) -> None:
+    def _batch_interrupted(self, exc: BaseException, sent: int | None, kept: Any) -> None:
         """An exception with a batch out of the queue: fail the connection unless the batch
         surely reached the kernel whole, for nobody can resend other threads' messages.
 
         An asynchronous exception lands only between bytecodes, so in a worker thread one that
         follows ``sendmsg`` means a whole batch was sent (a blocking send returns early only
-        for a signal, and signal handlers run in the main thread only). Over TLS the batch is
-        the interrupted thread's own message, as before combining (see the README's Limits).
+        for a signal, and signal handlers run in the main thread only). Over TLS (no ``kept``)
+        the batch is the interrupted thread's own message, as before combining (see the
+        README's Limits).
         """
         if isinstance(exc, OSError):
             whole = False
+        elif kept is None:
+            whole = True
         elif sent is not None:
-            whole = sent == total
+            whole = sent == sum(map(len, kept))
         else:
-            whole = total is None or threading.current_thread() is not threading.main_thread()
+            whole = threading.current_thread() is not threading.main_thread()
         if not whole:
             self._connection._on_write_failure(exc)
 
