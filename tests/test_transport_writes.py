@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import amqp
+import pytest
 from amqp import spec
 from amqp.serialization import dumps
 from dramatiq.middleware.threading import raise_thread_exception
@@ -143,27 +144,18 @@ def _interrupt_the_writer(conn, observer, queue_name, send_first):
     return writer_thread.error
 
 
-def test_interrupt_before_the_batch_leaves_the_queue_drops_nothing(connect, queue_name):
+@pytest.mark.parametrize("send_first", [False, True], ids=["before-send", "after-send"])
+def test_interrupted_writer_drops_nothing_and_keeps_the_connection(connect, queue_name,
+                                                                   send_first):
+    """Before the send both messages are still queued; after it the writer's batch reached
+    the kernel whole. Either way the interrupted writer writes what is queued on its way out,
+    and the connection is not failed."""
     conn = connect()
     observer = connect().default_channel
     conn.default_channel.queue_declare(queue_name, auto_delete=False)
     amqp_connection = conn.connection
-    error = _interrupt_the_writer(conn, observer, queue_name, send_first=False)
+    error = _interrupt_the_writer(conn, observer, queue_name, send_first=send_first)
     assert isinstance(error, Interrupt)
-    # Both messages were still queued: the interrupted writer wrote them on its way out.
-    assert wait_message_count(observer, queue_name, 2) == 2
-    assert amqp_connection._failure is None and conn.connection is amqp_connection
-
-
-def test_interrupt_after_the_batch_was_sent_keeps_the_connection(connect, queue_name):
-    conn = connect()
-    observer = connect().default_channel
-    conn.default_channel.queue_declare(queue_name, auto_delete=False)
-    amqp_connection = conn.connection
-    error = _interrupt_the_writer(conn, observer, queue_name, send_first=True)
-    assert isinstance(error, Interrupt)
-    # The writer's batch reached the kernel whole; the message queued meanwhile was written
-    # by the interrupted writer on its way out. The connection was not failed.
     assert wait_message_count(observer, queue_name, 2) == 2
     assert amqp_connection._failure is None and conn.connection is amqp_connection
 
