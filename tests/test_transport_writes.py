@@ -13,6 +13,7 @@ import threading
 import amqp
 import pytest
 from amqp import spec
+from amqp.exceptions import NotFound
 from amqp.serialization import dumps
 from dramatiq.middleware.threading import raise_thread_exception
 
@@ -190,3 +191,55 @@ def test_message_queued_while_a_batch_leaves_the_queue_is_written_next(connect, 
     assert appended
     assert wait_message_count(observer, queue_name, 2) == 2
     assert conn.connection._failure is None
+
+
+class _HookAfterCloseOk:
+    """Wraps the connection's frame writer: after the Close-Ok for ``channel_id`` is written
+    (and before py-amqp reopens the channel), runs ``hook`` once."""
+
+    def __init__(self, writer, channel_id, hook):
+        self.writer = writer
+        self._channel_id = channel_id
+        self._hook = hook
+
+    def __call__(self, frame_type, channel, method_sig, args, content):
+        result = self.writer(frame_type, channel, method_sig, args, content)
+        if channel == self._channel_id and method_sig == spec.Channel.CloseOk and self._hook:
+            hook, self._hook = self._hook, None
+            hook()
+        return result
+
+
+def test_ack_racing_the_servers_close_of_its_channel_keeps_the_connection(connect,
+                                                                          queue_name):
+    """A worker thread acks a delivery just as the server closes the consumer's channel: the
+    ack would reach the server after the Close-Ok and before the channel is open again, which
+    RabbitMQ answers by closing the whole connection (504 "expected 'channel.open'"). The
+    writer drops it instead; the server requeues the delivery anyway."""
+    conn = connect()
+    channel = conn.default_channel
+    channel.queue_declare(queue_name, auto_delete=False)
+    publish(channel, b"m", queue_name)
+    deliveries = []
+    channel.basic_consume(queue_name, callback=deliveries.append)
+    while not deliveries:
+        conn.drain_events(timeout=5)
+    tag = deliveries[0].delivery_tag
+    acked = threading.Event()
+
+    def ack_from_a_worker():
+        worker = Worker(channel.basic_ack, tag)
+        start_all([worker])
+        assert join_all([worker], 10) == []
+        assert worker.error is None, repr(worker.error)
+        acked.set()
+
+    amqp_connection = conn.connection
+    amqp_connection.frame_writer = _HookAfterCloseOk(amqp_connection.frame_writer,
+                                                     channel.channel_id, ack_from_a_worker)
+    with pytest.raises(NotFound):
+        channel.queue_declare(f"{queue_name}-missing", passive=True)
+    assert acked.is_set()
+    # The connection survived: this thread's channel was reopened and works.
+    assert channel.queue_declare(queue_name, passive=True).message_count == 1
+    assert amqp_connection._failure is None and conn.connection is amqp_connection

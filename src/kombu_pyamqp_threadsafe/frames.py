@@ -13,6 +13,7 @@ reader does one system call for many frames instead of three per frame.
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections import deque
@@ -22,6 +23,7 @@ from struct import Struct
 from time import monotonic
 from typing import Any
 
+from amqp import spec
 from amqp.exceptions import UnexpectedFrame
 
 _HEADER = Struct(">BHI")
@@ -34,6 +36,9 @@ HEARTBEAT_FRAME = _HEADER.pack(8, 0, 0) + FRAME_END
 MAX_QUEUED = 1024
 #: Messages per ``sendmsg`` (each is one buffer; Linux takes at most 1024).
 MAX_BATCH = 512
+_CHANNEL_LIFECYCLE = frozenset({spec.Channel.Open, spec.Channel.Close, spec.Channel.CloseOk})
+
+logger = logging.getLogger(__name__)
 
 
 def encode_method(
@@ -95,6 +100,11 @@ class FrameWriter:
         # Encoded messages waiting for the lock's holder to write them (appended by any
         # thread, taken only under the lock; deque appends and pops are atomic).
         self._queued: deque[bytes] = deque()
+        # Guards _closing together with the order of appends to _queued, which is the order
+        # on the wire.
+        self._order_lock = threading.Lock()
+        # Ids of channels whose Close or Close-Ok is queued and that are not open again.
+        self._closing: set[int] = set()
         self.last_write = monotonic()
 
     def __call__(
@@ -111,11 +121,34 @@ class FrameWriter:
             raise failure.for_caller()
         data = encode_method(frame_type, channel, method_sig, args, content, connection.frame_max)
         if self._sendmsg is not None and len(self._queued) < MAX_QUEUED:
-            self._queued.append(data)
-            self._drain()
+            if self._enqueue(data, channel, method_sig):
+                self._drain()
         else:
             timeouts = getattr(self._transport, "write_timeouts", None)
-            self._write_waiting(data, getattr(timeouts, "value", None))
+            self._write_waiting(data, channel, method_sig, getattr(timeouts, "value", None))
+
+    def _enqueue(self, data: bytes, channel: int, method_sig: Any) -> bool:
+        """Queue ``data`` unless it is a method for a channel closed on the wire before it.
+
+        Once a channel's Close or Close-Ok is queued, RabbitMQ takes any other method on that
+        channel, before a new Channel.Open, as a connection error (504 "expected
+        'channel.open'") and closes the connection for every thread. Only methods without a
+        reply come from threads other than the owner (an ack from a worker thread racing the
+        server's close of its consumer's channel); they are dropped, as the server would have
+        dropped them: it requeues the closed channel's unacknowledged deliveries.
+        """
+        with self._order_lock:
+            closing = self._closing
+            if channel and method_sig in _CHANNEL_LIFECYCLE:
+                if method_sig == spec.Channel.Open:
+                    closing.discard(channel)
+                else:
+                    closing.add(channel)
+            elif channel in closing:
+                logger.debug("channel %s is closed: dropped %s", channel, method_sig)
+                return False
+            self._queued.append(data)
+        return True
 
     def try_write_heartbeat(self) -> bool:
         """Send a heartbeat unless messages are queued (their bytes count as one). The reader
@@ -130,9 +163,11 @@ class FrameWriter:
     def reset_after_fork(self) -> None:
         """In a forked child: a new lock, and nothing of the parent's left to write."""
         self.lock = threading.RLock()
+        self._order_lock = threading.Lock()
         self._queued = deque()
 
-    def _write_waiting(self, data: bytes, timeout: float | None) -> None:
+    def _write_waiting(self, data: bytes, channel: int, method_sig: Any,
+                       timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for the lock, then write ``data`` and what is queued
         (the queue is full, so a socket the server stops reading pushes back on publishers;
         or the socket is TLS)."""
@@ -142,8 +177,8 @@ class FrameWriter:
             # as acquire() returns must still release the lock, or every thread would hang.
             if not lock.acquire(timeout=-1 if timeout is None else timeout):
                 raise TimeoutError("timed out waiting to write to the shared connection")
-            self._queued.append(data)
-            self._flush()
+            if self._enqueue(data, channel, method_sig):
+                self._flush()
         finally:
             if lock._is_owned():
                 lock.release()
