@@ -97,8 +97,8 @@ class Channel(pyamqp.Channel):
     # Upstream: before every publish drains the connection once (timeout=0) to notice a
     # connection.blocked notification, and sets the socket's timeout around the write. Here the
     # reader thread handles connection.blocked as it arrives, and a timeout bounds the wait
-    # for the write lock (FrameWriter), so a publish is one write. A collected channel raises
-    # why its connection stopped.
+    # for the write lock when a publish has to wait for it (FrameWriter), so a publish is one
+    # write. A collected channel raises why its connection stopped.
     def _basic_publish(self, msg: Any, exchange: str = "", routing_key: str = "",
                        mandatory: bool = False, immediate: bool = False,
                        timeout: float | None = None, confirm_timeout: float | None = None,

@@ -3,7 +3,7 @@
 After the handshake one :class:`~.reader.Reader` thread owns every read from the socket. It
 routes each method to the inbox of the thread that owns the method's channel; that thread
 dispatches it when it next waits (``drain_events``, a reply, a confirm). Writes go through
-:class:`~.frames.FrameWriter`, one whole message under one lock. So a broker error on a
+:class:`~.frames.FrameWriter`, whole messages, batched, under one lock. So a broker error on a
 channel (a passive declare of a missing queue closes it) is raised in the thread that owns
 the channel and nowhere else, and a publisher never waits behind a thread that is reading.
 """
@@ -276,7 +276,7 @@ class Connection(pyamqp.Connection):
             transport.connected = False
             sock = transport.sock
             if sock is not None:
-                # Wakes the reader (EOF) and any writer blocked in sendall (EPIPE).
+                # Wakes the reader (EOF) and any writer blocked in a send (EPIPE).
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
         for inbox in inboxes:
@@ -292,7 +292,7 @@ class Connection(pyamqp.Connection):
                 reader.thread.join(READER_JOIN_TIMEOUT)
         transport = self._transport
         if transport is not None:
-            # Under the write lock, so no writer is inside sendall on a descriptor being closed.
+            # Under the write lock, so no writer is inside a send on a descriptor being closed.
             writer = self._frame_writer
             locked = isinstance(writer, FrameWriter) and writer.lock.acquire(
                 timeout=READER_JOIN_TIMEOUT)
