@@ -30,7 +30,6 @@ _HEADER = Struct(">BHI")
 _METHOD_SIG = Struct(">HH")
 _CONTENT_HEADER = Struct(">HHQ")
 FRAME_END = b"\xce"
-HEARTBEAT_FRAME = _HEADER.pack(8, 0, 0) + FRAME_END
 #: Messages that may wait for the writing thread before a new writer waits for the lock
 #: itself (a socket the server stops reading then pushes back instead of queueing forever).
 MAX_QUEUED = 1024
@@ -51,7 +50,9 @@ def encode_method(
 ) -> bytes:
     """Encode one method (and its content, if any) as the bytes of all its frames."""
     if frame_type == 8:
-        return HEARTBEAT_FRAME
+        # A new object each time: the writer tells whether a batch left its queue by the
+        # identity of the first message queued.
+        return _HEADER.pack(8, 0, 0) + FRAME_END
     if isinstance(args, str):
         args = args.encode("utf-8")
     payload = _METHOD_SIG.pack(*method_sig) + (args or b"")
@@ -156,7 +157,7 @@ class FrameWriter:
         along with it."""
         if self._queued:
             return False
-        self._queued.append(HEARTBEAT_FRAME)
+        self._queued.append(encode_method(8, 0, None, None, None, 0))
         self._drain()
         return True
 
@@ -165,6 +166,7 @@ class FrameWriter:
         self.lock = threading.RLock()
         self._order_lock = threading.Lock()
         self._queued = deque()
+        self._closing = set()
 
     def _write_waiting(self, data: bytes, channel: int, method_sig: Any,
                        timeout: float | None) -> None:
