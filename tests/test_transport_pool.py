@@ -201,3 +201,33 @@ def test_a_lease_dropped_without_release_gives_its_channel_back(connect):
         replacement.release()
         kept.release()
     assert pool.in_use == 0
+
+
+def test_a_thread_gets_back_the_channel_it_gave_back(connect):
+    """While its last channel is idle, a thread's acquire() hands it that one, whatever other
+    threads gave back since, so a busy publisher keeps one channel and its mailbox never moves;
+    a thread whose last channel is out gets another idle one."""
+    conn = connect()
+    pool = conn.default_channel_pool
+    with pool.acquire(timeout=5) as mine:
+        pass
+    returned_by_other = threading.Event()
+    others = []
+
+    def other_thread():
+        first = pool.acquire(timeout=5)  # takes `mine`: the only idle channel
+        second = pool.acquire(timeout=5)  # a new one
+        others.extend([first.channel, second.channel])
+        first.release()
+        second.release()  # given back last: the newest idle channel
+        returned_by_other.set()
+
+    worker = Worker(other_thread)
+    start_all([worker])
+    assert join_all([worker], 10) == [] and worker.error is None, repr(worker.error)
+    assert returned_by_other.is_set()
+    assert others[0] is mine and others[1] is not mine
+    # Both are idle; `others[1]` came back last, but `mine` is this thread's last channel.
+    with pool.acquire(timeout=5) as again:
+        assert again is mine
+        assert again.owner is threading.current_thread()
