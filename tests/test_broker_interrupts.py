@@ -73,6 +73,20 @@ def _sender(task, outcome: Recorder, arg: int) -> threading.Thread:
     return threading.Thread(target=run, daemon=True, name=f"sender-{arg}")
 
 
+def _interrupt_while_blocked_on(lock, sender: threading.Thread, function: str,
+                                filename: str) -> None:
+    """Hold ``lock``, start ``sender``, wait until it blocks on the lock in ``function`` of
+    ``filename``, raise its time limit as dramatiq does, let the lock go, wait for it."""
+    lock.acquire()
+    try:
+        sender.start()
+        assert _blocked_in(sender, function, filename)
+        raise_thread_exception(sender.ident, TimeLimitExceeded)
+    finally:
+        lock.release()
+    sender.join(5)
+
+
 def _setup(env):
     broker = env.broker()
     queue = unique()
@@ -96,14 +110,8 @@ def test_time_limit_while_waiting_to_write_leaves_the_connection_usable(env, mon
     writer = broker.producer_connection.connection.frame_writer
     outcome = Recorder()
     sender = _sender(task, outcome, 1)
-    writer.lock.acquire()  # another thread is writing a large message
-    try:
-        sender.start()
-        assert _blocked_in(sender, "_write_waiting", "frames.py")
-        raise_thread_exception(sender.ident, TimeLimitExceeded)
-    finally:
-        writer.lock.release()
-    sender.join(5)
+    # Another thread is writing a large message.
+    _interrupt_while_blocked_on(writer.lock, sender, "_write_waiting", "frames.py")
     try:
         leaked = lock_held(writer.lock)
         # With the lock leaked the sender hangs itself: discarding its channel sends a
@@ -131,14 +139,8 @@ def test_time_limit_while_waiting_for_the_channel_pool_leaks_no_lease(env):
     held = pool.acquire(timeout=5)  # the idle channel is out: the sender will open one
     outcome = Recorder()
     sender = _sender(task, outcome, 1)
-    pool._lock.acquire()  # another thread is in the pool
-    try:
-        sender.start()
-        assert _blocked_in(sender, "acquire", "pool.py")
-        raise_thread_exception(sender.ident, TimeLimitExceeded)
-    finally:
-        pool._lock.release()
-    sender.join(5)
+    # Another thread is in the pool.
+    _interrupt_while_blocked_on(pool._lock, sender, "acquire", "pool.py")
     held.release()
     assert outcome.snapshot() == ["interrupted"]
     run_bounded(lambda: task.send(2), 10, "a send after the interrupt")
