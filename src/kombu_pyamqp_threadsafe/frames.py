@@ -7,8 +7,9 @@ under the connection's write lock. One C call per batch means an asynchronous ex
 shared stream half-written; py-amqp's own writer issues one ``write`` per body frame from a
 Python loop.
 
-Reading: :class:`FrameBuffer` splits whatever ``recv`` returned into whole frames, so the
-reader does one system call for many frames instead of three per frame.
+Reading: :class:`FrameBuffer` receives into one reusable buffer and splits whatever arrived
+into whole frames, so the reader does one system call for many frames instead of three per
+frame, and allocates nothing per read.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ FRAME_END = b"\xce"
 MAX_QUEUED = 1024
 #: Messages per ``sendmsg`` (each is one buffer; Linux takes at most 1024).
 MAX_BATCH = 512
+#: The least free space a read is offered (less, and the buffer is compacted or grown first).
+MIN_READ = 16 * 1024
 _CHANNEL_LIFECYCLE = frozenset({spec.Channel.Open, spec.Channel.Close, spec.Channel.CloseOk})
 
 logger = logging.getLogger(__name__)
@@ -269,16 +272,49 @@ class FrameWriter:
 
 
 class FrameBuffer:
-    """Accumulates received bytes and yields complete ``(type, channel, payload)`` frames."""
+    """Receives into one reusable buffer and yields complete ``(type, channel, payload)`` frames.
 
-    def __init__(self, initial: bytes = b"") -> None:
-        self._buf = bytearray(initial)
+    ``recv(n)`` allocates ``n`` bytes per read (above glibc's mmap threshold that is an mmap,
+    an mremap and a munmap per read, measured at 30 us of system time per confirmed publish);
+    ``recv_into`` the free end of a buffer kept for the connection's life allocates nothing.
+    """
 
-    def feed(self, data: bytes, on_frame: Callable[[tuple[int, int, bytes]], Any]) -> None:
+    def __init__(self, initial: bytes = b"", size: int = 256 * 1024) -> None:
+        self._buf = bytearray(max(size, 2 * len(initial)))
+        self._buf[: len(initial)] = initial
+        self._view = memoryview(self._buf)
+        # Unparsed bytes are self._buf[self._start:self._end].
+        self._start = 0
+        self._end = len(initial)
+
+    def receive(self, recv_into: Callable[[memoryview], int]) -> int:
+        """Read once into the free end of the buffer; the byte count (0: the peer closed)."""
+        if len(self._buf) - self._end < MIN_READ:
+            self._make_room()
+        received = recv_into(self._view[self._end :])
+        self._end += received
+        return received
+
+    def _make_room(self) -> None:
+        """Move the unparsed tail (a frame still arriving) to the front, growing the buffer
+        when that frame would not fit (frames are at most frame_max bytes)."""
+        pending = self._end - self._start
+        if len(self._buf) - pending < MIN_READ:
+            self._view.release()
+            grown = bytearray(2 * len(self._buf))
+            grown[:pending] = self._buf[self._start : self._end]
+            self._buf = grown
+            self._view = memoryview(grown)
+        else:
+            self._buf[:pending] = self._buf[self._start : self._end]
+        self._start, self._end = 0, pending
+
+    def parse(self, on_frame: Callable[[tuple[int, int, bytes]], Any]) -> None:
+        """Hand every complete frame received so far to ``on_frame``, in order."""
         buf = self._buf
-        buf += data
-        offset = 0
-        end = len(buf)
+        view = self._view
+        offset = self._start
+        end = self._end
         while end - offset >= 7:
             frame_type, channel, size = _HEADER.unpack_from(buf, offset)
             frame_end = offset + 7 + size
@@ -288,8 +324,9 @@ class FrameBuffer:
                 raise UnexpectedFrame(
                     f"Received frame_end {buf[frame_end]:#04x} while expecting 0xce"
                 )
-            on_frame((frame_type, channel, bytes(buf[offset + 7 : frame_end])))
+            on_frame((frame_type, channel, view[offset + 7 : frame_end].tobytes()))
             offset = frame_end + 1
-        if offset:
-            del buf[:offset]
-
+        if offset == end:
+            self._start = self._end = 0
+        else:
+            self._start = offset

@@ -17,7 +17,6 @@ from amqp.exceptions import ConnectionForced
 
 from .frames import FrameBuffer, FrameWriter
 
-RECV_SIZE = 256 * 1024
 #: How often the reader wakes without traffic when heartbeats are off (to notice a stop).
 IDLE_TICK = 1.0
 
@@ -60,12 +59,12 @@ class Reader:
 
     def _loop(self) -> None:
         sock = self._sock
-        recv = sock.recv
+        recv_into = sock.recv_into
         connection = self._connection
         on_frame = connection.on_inbound_frame
         ring = connection._ring_doorbells
         frames = self._frames
-        frames.feed(b"", on_frame)
+        frames.parse(on_frame)
         ring()
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
@@ -77,13 +76,12 @@ class Reader:
                 if not poller.poll(wait_ms):
                     next_tick = self._heartbeat_tick()
                     continue
-            data = recv(RECV_SIZE)
-            if not data:
+            if not frames.receive(recv_into):
                 if self.stopping:
                     return
                 raise OSError("Server unexpectedly closed connection")
             self._last_read = now = monotonic()
-            frames.feed(data, on_frame)
+            frames.parse(on_frame)
             ring()
             if now >= next_tick:
                 next_tick = self._heartbeat_tick()
