@@ -60,6 +60,7 @@ def test_900_worker_threads_hold_exactly_two_connections(env, vhost, server_conn
     parents = Recorder()
     kids = Recorder()
     errors = Recorder()
+    senders = Recorder()
     # 200 worker threads publish at the same moment from inside actors.
     burst = threading.Barrier(200)
 
@@ -75,6 +76,7 @@ def test_900_worker_threads_hold_exactly_two_connections(env, vhost, server_conn
         except Exception as exc:  # noqa: BLE001 - the test reports it
             errors.add(("send", i, repr(exc)))
             raise
+        senders.add(threading.get_ident())
         parents.add(i)
 
     @dramatiq.actor(broker=broker, queue_name=children)
@@ -95,8 +97,9 @@ def test_900_worker_threads_hold_exactly_two_connections(env, vhost, server_conn
     assert server_connections.wait(f"{name}-consumer", 1) == 1
     assert server_connections.wait(f"{name}-producer", 1) == 1
     assert connections_named(name, vhost) == [f"{name}-consumer", f"{name}-producer"]
-    # Nothing leaked in the channel pool, and the queues were fully acked.
-    assert _pool_in_use(broker) == 0
+    # Each thread that sent holds one channel of the producer connection (the main thread
+    # too), none more; and the queues were fully acked.
+    assert _pool_in_use(broker) == len(set(senders.snapshot())) + 1
     broker.join(queue, timeout=10_000)
     broker.join(children, timeout=10_000)
     rows = rabbit_admin.queue_details(vhost)
@@ -251,7 +254,7 @@ def test_send_interrupted_by_time_limit_leaves_producer_connection_healthy(
     total = 96
     for i in range(total):
         spam.send_with_options(args=(i,), time_limit=30 + (i % 7) * 15)
-    env.worker(broker, threads=24, queues={queue})
+    worker = env.worker(broker, threads=24, queues={queue})
 
     finished = limited.wait_for(lambda items: len(items) + len(other) >= total, timeout=20)
     assert other.snapshot() == []
@@ -272,10 +275,12 @@ def test_send_interrupted_by_time_limit_leaves_producer_connection_healthy(
     assert run_bounded(lambda: broker.get_queue_message_counts(check), 15,
                        "get_queue_message_counts") == (400, 0, 0)
 
-    # The same producer connection throughout, and no channel lease leaked by an interrupt.
+    # The same producer connection throughout, and no channel lease leaked by an interrupt:
+    # once the worker threads have ended, the main thread's is the only one out.
     assert _server_side_names(f"{name}-producer", vhost) == before
     assert server_connections.wait(f"{name}-producer", 1) == 1
-    assert _pool_in_use(broker) == 0
+    env.stop_worker(worker)
+    assert _pool_in_use(broker) == 1
 
 
 def test_deleted_queue_cancels_only_its_consumer(env, vhost, amqp_url):

@@ -19,7 +19,9 @@ import threading
 import traceback
 from contextlib import suppress
 
+import amqp
 import dramatiq
+from amqp import spec
 from dramatiq.middleware import Middleware
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
@@ -33,6 +35,7 @@ from broker_helpers import (
     wait_until,
 )
 from kombu_pyamqp_threadsafe import frames
+from kombu_pyamqp_threadsafe.inbox import Mailbox
 
 
 def _blocked_in(thread: threading.Thread, function: str | None, filename: str) -> bool:
@@ -95,7 +98,8 @@ def _setup(env):
     def task(i):
         pass
 
-    task.send(0)  # connected, one idle pooled channel
+    # Connected and the queues declared, from a thread that has ended since: no lease held.
+    run_bounded(lambda: task.send(0), 10, "the first send")
     return broker, queue, task
 
 
@@ -136,7 +140,7 @@ def test_time_limit_while_waiting_for_the_channel_pool_leaks_no_lease(env):
     exhaust the pool for good (ChannelPoolLimitError on every send)."""
     broker, queue, task = _setup(env)
     pool = broker.producer_connection.default_channel_pool
-    held = pool.acquire(timeout=5)  # the idle channel is out: the sender will open one
+    held = pool.acquire(timeout=5)
     outcome = Recorder()
     sender = _sender(task, outcome, 1)
     # Another thread is in the pool.
@@ -148,16 +152,25 @@ def test_time_limit_while_waiting_for_the_channel_pool_leaks_no_lease(env):
     assert leaked == 0, f"{leaked} pool lease(s) leaked with no channel out"
 
 
-def test_time_limit_while_returning_a_channel_leaks_no_lease(env, monkeypatch):
-    """The interrupt lands while the sender, its message confirmed, waits for the pool's lock
-    to give its channel back: the lease must still end up returned (count back to 0), not
-    flagged released with its channel open on the server and owned by nobody."""
+def test_time_limit_while_giving_a_channel_back_leaks_no_lease(env, monkeypatch):
+    """The interrupt lands while a thread, its message confirmed, waits for the pool's lock to
+    give its channel back (the end of every ``with pool.acquire()``; the broker gives a lease
+    back after an error): the lease must not stay counted as out."""
     monkeypatch.setattr(frames, "MAX_QUEUED", 0)  # the sender waits for the write lock
     broker, queue, task = _setup(env)
     pool = broker.producer_connection.default_channel_pool
     writer = broker.producer_connection.connection.frame_writer
     outcome = Recorder()
-    sender = _sender(task, outcome, 1)
+
+    def lease_and_publish() -> None:
+        try:
+            with pool.acquire(timeout=5) as channel:
+                channel.basic_publish(amqp.Message(b"1"), exchange="", routing_key=queue)
+            outcome.add("returned")
+        except TimeLimitExceeded:
+            outcome.add("interrupted")
+
+    sender = threading.Thread(target=lease_and_publish, daemon=True, name="sender-1")
     # Hold the sender in its publish (inside the lease), then take the pool lock and let the
     # publish go on: the sender then blocks giving the channel back.
     writer.lock.acquire()
@@ -176,9 +189,9 @@ def test_time_limit_while_returning_a_channel_leaks_no_lease(env, monkeypatch):
     # The message itself was published and confirmed; only the give-back was interrupted.
     assert outcome.snapshot() == ["interrupted"]
     run_bounded(lambda: task.send(2), 10, "a send after the interrupt")
-    assert broker.get_queue_message_counts(queue)[0] == 3
     leaked = pool_in_use(pool)
     assert leaked == 0, f"{leaked} pool lease(s) leaked with no channel out"
+    assert broker.get_queue_message_counts(queue)[0] == 3
 
 
 class _PauseBeforePublish(Middleware):
@@ -196,38 +209,50 @@ class _PauseBeforePublish(Middleware):
             self.go.wait(10)
 
 
-def test_time_limit_while_waiting_for_the_confirm_leaves_the_channel_closable(env):
+def test_time_limit_while_waiting_for_the_confirm_leaves_the_channel_closable(env, monkeypatch):
     """The most likely place for a TimeLimit to land in a send: the thread sleeps in
     ``drain_events`` waiting for its publisher confirm, and the exception fires as soon as the
     confirm's doorbell wakes it, i.e. after ``inbox.get()`` consumed the doorbell and before
     ``mailbox.take()`` took the method. The method then stays in the channel's mailbox with no
     doorbell; the pool discards the channel, and ``Channel.close()`` waits for a Close-Ok whose
     doorbell dispatches the stale confirm instead: it waits forever (no timeout), and so does
-    the worker thread. The reader is held back (the test holds the mailbox's lock) so that the
-    interrupt is set while the sender waits, exactly as with a slow confirm."""
+    the worker thread. The reader is held back (before it posts the confirm to the channel's
+    mailbox) so that the interrupt is set while the sender waits, exactly as with a slow
+    confirm."""
     broker, queue, task = _setup(env)
     pool = broker.producer_connection.default_channel_pool
-    [channel] = list(pool._idle)  # the sender will take this one
     pause = _PauseBeforePublish("sender-1")
     broker.add_middleware(pause)
     outcome = Recorder()
     sender = _sender(task, outcome, 1)
     sender.start()
     assert pause.ready.wait(10)
-    mailbox_lock = channel._mailbox._lock
-    mailbox_lock.acquire()  # the reader cannot hand the confirm over yet
+    [lease] = list(pool._leases)  # the sender's, held while it pauses before its publish
+    channel = lease.channel
+    confirm_arrived = threading.Event()
+    reader_may_post = threading.Event()
+    real_post = Mailbox.post
+
+    def post(mailbox, method):
+        if mailbox is channel._mailbox and method[0] == spec.Basic.Ack:
+            confirm_arrived.set()
+            reader_may_post.wait(10)  # the reader cannot hand the confirm over yet
+        return real_post(mailbox, method)
+
+    monkeypatch.setattr(Mailbox, "post", post)
     try:
         pause.go.set()
+        assert confirm_arrived.wait(10)
         assert _blocked_in(sender, "wait", "inbox.py")
         raise_thread_exception(sender.ident, TimeLimitExceeded)
     finally:
-        mailbox_lock.release()
+        reader_may_post.set()
     sender.join(5)
     assert not sender.is_alive(), (
         "the interrupted sender never returned; it is at:\n" + _stack_of(sender)
         + f"\nundispatched methods of its channel: {_pending(channel)}")
     assert outcome.snapshot() == ["interrupted"]
     run_bounded(lambda: task.send(2), 10, "a send after the interrupt")
+    assert pool_in_use(pool) == 0
     # The interrupted message itself was published (and confirmed) before the interrupt.
     assert broker.get_queue_message_counts(queue)[0] == 3
-    assert pool_in_use(pool) == 0

@@ -37,8 +37,8 @@ class KombuBroker(Broker):
     """A drop-in for dramatiq's RabbitmqBroker holding two connections per process.
 
     One connection consumes (each consumer thread its own channel), one publishes (each
-    publishing thread a channel from a pool). Both open on first use, and again in a forked
-    child, which never uses its parent's.
+    publishing thread its own channel, leased from a pool for as long as the thread lives).
+    Both open on first use, and again in a forked child, which never uses its parent's.
 
     Parameters:
       url: ``amqp://`` or ``amqps://`` URL, a ``;``-separated string or a list for failover.
@@ -63,6 +63,8 @@ class KombuBroker(Broker):
         # Guards _connections and _connections_pid (one pair per process).
         self._connections_lock = threading.Lock()
         self._connections: tuple[KombuConnection, KombuConnection] | None = None
+        # Each publishing thread's (pool, lease) on the producer connection.
+        self._producer_leases = threading.local()
         # Canonical queue names whose three server queues may not exist yet.
         self.queues_pending: set[str] = set()
         forksafe.register(self)
@@ -206,13 +208,30 @@ class KombuBroker(Broker):
         return message
 
     def _with_producer_channel(self, use: Any) -> Any:
-        """Run ``use(channel)`` on a pooled channel of the producer connection."""
+        """Run ``use(channel)`` on the calling thread's channel of the producer connection.
+
+        A thread keeps its lease on a pooled channel while it lives: taking and giving back a
+        lease per send cost about 20% of the throughput of 64 sending threads, mostly in
+        waiting for the pool's lock. After an error the lease is given back and its channel
+        closed (it may have a confirm in flight); when the thread ends the lease is dropped and
+        the pool closes its channel at the next acquire().
+        """
         connection = self.producer_connection
         self.connect(connection)
-        with connection.default_channel_pool.acquire(
-            timeout=self.settings.connect_timeout
-        ) as channel:
-            return use(channel)
+        pool = connection.default_channel_pool
+        held = getattr(self._producer_leases, "held", None)
+        if held is None or held[0] is not pool or not held[1].usable:
+            if held is not None and held[0] is pool:  # a lease of an earlier pool is dropped
+                held[1].release(discard=True)
+            held = self._producer_leases.held = (
+                pool, pool.acquire(timeout=self.settings.connect_timeout)
+            )
+        try:
+            return use(held[1].channel)
+        except BaseException:
+            self._producer_leases.held = None
+            held[1].release(discard=True)
+            raise
 
     def _producer_server(self) -> str:
         return self.producer_connection.as_uri()

@@ -92,8 +92,11 @@ class BrokerSettings:
         }
         options["confirm_publish"] = confirm_publish
         url: str | list[str] = self.urls if len(self.urls) > 1 else self.urls[0]
+        # No pool limit: each publishing thread keeps a channel (the broker's
+        # _with_producer_channel), so the bound is the server's channel_max, whose error says so.
         return KombuConnection(url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,
-                               ssl=self.ssl or False, transport_options=options)
+                               ssl=self.ssl or False, transport_options=options,
+                               channel_pool_limit=None)
 
 
 def _parse_urls(url: str | list[str] | None) -> list[str]:

@@ -163,8 +163,8 @@ class Mailbox:
         self.channel: Any = channel
         self.owner = owner
         self._pending: deque[Method] = deque()
-        # Guards _pending and owner together: a method appended for one owner is rung either
-        # by the reader for that owner or by move_to() for the next one.
+        # Guards owner against a concurrent take(), so a method is taken only by the current
+        # owner (post() appends without it; see there).
         self._lock = threading.Lock()
         owner.owned.add(self)
 
@@ -176,12 +176,16 @@ class Mailbox:
 
         The reader rings once it has handled everything one read brought, just before it
         waits on the socket again (and releases the GIL), so a woken owner finds the GIL free
-        instead of waking a second time for it. A ring that reaches a former owner is harmless:
-        move_to() rang the new owner for every pending method.
+        instead of waking a second time for it.
+
+        No lock: the reader must never wait for an owner (an owner that holds a lock and is
+        waiting for the GIL would make the reader sleep). move_to() sets the new owner before
+        it counts the pending methods, so a method appended meanwhile is rung for the new
+        owner by one of the two, perhaps by both (a spare doorbell finds nothing and is
+        ignored), and a ring that reaches the former owner is harmless likewise.
         """
-        with self._lock:
-            self._pending.append(method)
-            return self.owner
+        self._pending.append(method)
+        return self.owner
 
     def take(self, inbox: Inbox) -> Method | None:
         """Owner thread, after a doorbell: the next method, or None if it moved away."""

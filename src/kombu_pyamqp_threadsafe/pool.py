@@ -56,6 +56,12 @@ class PooledChannel:
         assert channel is not None, "lease used before acquire() returned it"
         return channel
 
+    @property
+    def usable(self) -> bool:
+        """The channel is open on the pool's current connection (false once it failed)."""
+        channel = self._slot.channel
+        return channel is not None and self._pool._usable(channel)
+
     def __enter__(self) -> Channel:
         return self.channel
 
