@@ -279,7 +279,7 @@ class FrameBuffer:
     ``recv_into`` the free end of a buffer kept for the connection's life allocates nothing.
     """
 
-    def __init__(self, initial: bytes = b"", size: int = 256 * 1024) -> None:
+    def __init__(self, initial: bytes = b"", size: int = 64 * 1024) -> None:
         self._buf = bytearray(max(size, 2 * len(initial)))
         self._buf[: len(initial)] = initial
         self._view = memoryview(self._buf)

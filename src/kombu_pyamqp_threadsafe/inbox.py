@@ -56,7 +56,10 @@ class Wakeup:
         """The owning thread: sleep until set() or ``timeout`` seconds, then reset."""
         if timeout is not None and not self._poller.poll(timeout * 1000):
             return
-        os.read(self._read_fd, 4096)
+        # 8 bytes: an eventfd's counter. os.read allocates its buffer before it blocks, so a
+        # larger one is held by every sleeping thread (4 KB each, 3.6 MB for 900 threads); a
+        # pipe keeps what is left, which only makes the next wait return at once.
+        os.read(self._read_fd, 8)
 
 
 def _close_pair(read_fd: int, write_fd: int) -> None:
