@@ -275,7 +275,7 @@ class FrameBuffer:
     """Receives into one reusable buffer and yields complete ``(type, channel, payload)`` frames.
 
     ``recv(n)`` allocates ``n`` bytes per read (above glibc's mmap threshold that is an mmap,
-    an mremap and a munmap per read, measured at 30 us of system time per confirmed publish);
+    an mremap and a munmap per read, about 20 us of system time per confirmed publish here);
     ``recv_into`` the free end of a buffer kept for the connection's life allocates nothing.
     """
 
