@@ -43,12 +43,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The scenarios are shared with the pytest suite, whose helpers import each other by their
-# plain module names (tests/ is on pytest's path).
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-import fault_helpers as fh  # noqa: E402
+from stress import fault_scenarios as fh
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
