@@ -265,15 +265,17 @@ class KombuBroker(Broker):
             queue_name = dq_name(queue_name)
             message = message.copy(queue_name=queue_name,
                                    options={"eta": current_millis() + delay})
-        body = message.encode()
-        properties = {"delivery_mode": 2, "priority": message.options.get("broker_priority")}
         self.declare_queue(canonical)
 
+        # As RabbitmqBroker, per attempt: declare, before_enqueue, then encode, so what a
+        # middleware writes into message.options there (broker_priority too) is what is sent.
         def publish(channel: Any) -> None:
             self.ensure_queues(canonical, channel)
             self.emit_before("enqueue", message, delay)
-            channel.basic_publish(amqp.Message(body, **properties), exchange="",
-                                  routing_key=queue_name, mandatory=self.confirm_delivery)
+            body = amqp.Message(message.encode(), delivery_mode=2,
+                                priority=message.options.get("broker_priority"))
+            channel.basic_publish(body, exchange="", routing_key=queue_name,
+                                  mandatory=self.confirm_delivery)
 
         def on_error(exc: BaseException) -> None:
             if isinstance(exc, ChannelError) and exc.reply_code == NO_ROUTE:
