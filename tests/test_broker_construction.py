@@ -399,3 +399,10 @@ def test_consumer_on_mismatched_queue_fails_without_leaking_its_channel(env, vho
     assert open_channels == []
     name = f"{env.connection_name}-consumer"
     assert rabbit_admin.count_channels(vhost=vhost, connection_name=name) == 0
+
+
+def test_ipv6_host_and_odd_names_survive_the_url():
+    _, connection = _built(host="::1", virtual_host="a b/%c", credentials=("us er", "p:w@/"))
+    assert (connection.hostname, connection.port) == ("::1", 5672)
+    assert (connection.virtual_host, connection.userid, connection.password) == (
+        "a b/%c", "us er", "p:w@/")

@@ -10,6 +10,7 @@ construction.
 from __future__ import annotations
 
 import json
+import pickle
 
 import dramatiq
 import pytest
@@ -17,6 +18,7 @@ import pytest
 import rabbit_admin
 from broker_helpers import DEAD_MESSAGE_TTL, Recorder, raw_channel, unique, wait_until
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
+from dramatiq_kombu_broker.topology import inequivalent_argument
 
 
 def _queues(vhost: str, prefix: str) -> dict[str, tuple[str, dict]]:
@@ -199,3 +201,42 @@ def test_other_argument_mismatch_on_quorum_queue_is_not_called_a_type_change(env
     with pytest.raises(QueueArgumentsMismatch, match="other arguments") as info:
         env.broker(queue_type="quorum", delivery_limit=5).declare_queue(queue, ensure=True)
     assert "x-delivery-limit" in str(info.value)
+    assert info.value.existing_type == "quorum"  # found through the numeric argument
+
+
+def test_quorum_queue_with_a_delivery_limit_where_classic_is_asked(env):
+    """The server names a numeric argument first here ("received ... but current is '3'")."""
+    queue = unique()
+    env.broker(queue_type="quorum", delivery_limit=3).declare_queue(queue, ensure=True)
+    with pytest.raises(QueueArgumentsMismatch, match="exists as a quorum queue") as info:
+        env.broker().declare_queue(queue, ensure=True)
+    assert info.value.existing_type == "quorum"
+
+
+def test_mismatch_error_survives_pickling():
+    error = QueueArgumentsMismatch("q", {"x-queue-type": "quorum"}, "inequivalent arg",
+                                   "quorum", "classic")
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error)
+    assert (copy.queue, copy.queue_type, copy.existing_type) == ("q", "quorum", "classic")
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost 'v': "
+         "received the value 'quorum' of type 'longstr' but current is none",
+         ("x-queue-type", None)),
+        ("PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-strategy' for queue 'q' in "
+         "vhost 'v': received none but current is the value 'at-least-once' of type 'longstr'",
+         ("x-dead-letter-strategy", "at-least-once")),
+        ("PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost "
+         "'v': received '5' but current is '3'", ("x-delivery-limit", 3)),
+        ("PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q' in vhost 'v': "
+         "received none but current is the value '10' of type 'signedint'",
+         ("x-max-priority", 10)),
+        ("PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q'", None),
+    ],
+)
+def test_server_reply_text_is_read(text, found):
+    assert inequivalent_argument(text) == found

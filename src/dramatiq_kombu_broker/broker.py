@@ -21,7 +21,7 @@ from kombu_pyamqp_threadsafe import KombuConnection, forksafe
 from .consumer import KombuConsumer
 from .errors import QueueArgumentsMismatch
 from .retry import retrying
-from .settings import BrokerSettings
+from .settings import DEFAULT_MAX_DELAY_MS, BrokerSettings
 from .topology import CLASSIC, existing_queue_type
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class KombuBroker(Broker):
         connect_timeout: float | None = None,
         ssl: Any = None,
         transport_options: dict[str, Any] | None = None,
-        max_delay: int | None = None,
+        max_delay: int = DEFAULT_MAX_DELAY_MS,
         queue_type: str = CLASSIC,
         delivery_limit: int | None = None,
     ) -> None:

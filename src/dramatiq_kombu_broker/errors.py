@@ -40,3 +40,8 @@ class QueueArgumentsMismatch(BrokerError):
                 f"match it."
             )
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles its message only; rebuild from the fields instead.
+        return (type(self), (self.queue, self.arguments, self.reason, self.queue_type,
+                             self.existing_type))

@@ -101,10 +101,14 @@ def declarations(queue_name: str, max_priority: int | None,
     ]
 
 
+#: RabbitMQ 3.10's texts: "... but current is none", "... but current is the value 'quorum'
+#: of type 'longstr'", and for numeric arguments "received '5' but current is '0'".
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<key>[^']+)'.*but current is "
-    r"(?:none|the value (?P<value>'[^']*'|\S+) of type '(?P<type>[^']+)')"
+    r"(?:none|the value '(?P<value>[^']*)' of type '(?P<type>[^']+)'|'(?P<number>-?\d+)')"
 )
+_NUMERIC_TYPES = ("signedint", "long", "short", "byte", "unsignedbyte", "unsignedshort",
+                  "unsignedint")
 #: Declarations a probe may make before it gives up (each one finds one argument).
 MAX_PROBES = 12
 
@@ -114,15 +118,13 @@ def inequivalent_argument(reply_text: str) -> tuple[str, Any] | None:
     match = _INEQUIVALENT.search(reply_text)
     if match is None:
         return None
-    value = match["value"]
-    if value is None:
+    if match["number"] is not None:
+        return match["key"], int(match["number"])
+    if match["value"] is None:
         return match["key"], None
-    if value.startswith("'"):
-        return match["key"], value[1:-1]
-    try:
-        return match["key"], int(value)
-    except ValueError:
-        return match["key"], value
+    if match["type"] in _NUMERIC_TYPES:
+        return match["key"], int(match["value"])
+    return match["key"], match["value"]
 
 
 def existing_queue_type(declare: Any, arguments: dict[str, Any], reply_text: str) -> str | None:
