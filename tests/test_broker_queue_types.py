@@ -69,28 +69,23 @@ def test_matching_x_queue_type_in_queue_arguments_is_accepted():
 # ----------------------------------------------------------------------------------- topology
 
 
-def test_quorum_topology_is_declared(env, vhost):
-    queue = unique()
+def test_quorum_topology_is_declared_and_classic_stays_the_default(env, vhost):
+    queue, classic = unique(), unique()
     broker = env.broker(queue_type="quorum", delivery_limit=7)
     broker.declare_queue(queue, ensure=True)
-    declared = _queues(vhost, queue)
-    assert declared == {
+    env.broker().declare_queue(classic, ensure=True)
+    declared = _queues(vhost, "q-")
+    assert {name: declared[name] for name in declared if name.startswith(queue)} == {
         queue: ("quorum", _quorum_arguments(queue, **{"x-delivery-limit": 7})),
         f"{queue}.DQ": ("quorum", _quorum_arguments(queue, **{"x-delivery-limit": 7})),
         f"{queue}.XQ": ("quorum", {"x-queue-type": "quorum", "x-message-ttl": DEAD_MESSAGE_TTL}),
     }
+    assert {name: kind for name, (kind, arguments) in declared.items()
+            if name.startswith(classic) and "x-queue-type" not in arguments} == {
+        classic: "classic", f"{classic}.DQ": "classic", f"{classic}.XQ": "classic"}
     # A second broker with the same settings accepts the queues as they are.
     assert env.broker(queue_type="quorum", delivery_limit=7).get_queue_message_counts(queue) \
         == (0, 0, 0)
-
-
-def test_classic_is_the_default_and_declares_no_type(env, vhost):
-    queue = unique()
-    env.broker().declare_queue(queue, ensure=True)
-    declared = _queues(vhost, queue)
-    assert {name: kind for name, (kind, _) in declared.items()} == {
-        queue: "classic", f"{queue}.DQ": "classic", f"{queue}.XQ": "classic"}
-    assert all("x-queue-type" not in arguments for _, arguments in declared.values())
 
 
 # ------------------------------------------------------------------------------- end to end
