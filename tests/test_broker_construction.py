@@ -192,6 +192,7 @@ def test_mixing_url_parameters_and_keywords_raises_runtime_error(arguments, name
         ({"socket_timeout": 3, "connect_timeout": 4}, "socket_timeout"),
         ({"ssl_options": pika.SSLOptions(ssl.create_default_context())}, "ssl_options"),
         ({"ssl_options": "yes"}, "ssl_options"),
+        ({"ssl_options": True, "ssl": {"ca_certs": "/ca.pem"}}, "ssl_options"),
         ({"client_properties": {"capabilities": {}}}, "capabilities"),
         ({"client_properties": {"connection_name": "a"}, "connection_name": "b"},
          "connection_name"),

@@ -77,7 +77,7 @@ def url_from_parameters(values: Mapping[str, Any], where: str) -> tuple[str, dic
     if values.get("client_properties") is not None:
         tuning["client_properties"] = values["client_properties"]
     if tls is not None:
-        tuning["ssl"] = tls
+        tuning["ssl_options"] = tls
     return url, tuning
 
 

@@ -173,7 +173,7 @@ _TUNING_FIELDS = {
     "retry_delay": "retry_delay",
     "socket_timeout": "connect_timeout",
     "blocked_connection_timeout": "blocked_timeout",
-    "ssl": "ssl",
+    "ssl_options": "ssl",
 }
 
 
