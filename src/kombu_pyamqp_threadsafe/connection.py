@@ -149,11 +149,25 @@ class Connection(pyamqp.Connection):
         initial = bytes(getattr(transport, "_read_buffer", b""))
         transport._read_buffer = b""
         transport.shared = True
+        self._set_user_timeout(sock, transport)
         self._reader = Reader(
             self, sock, initial, float(self.heartbeat or 0), self.frame_writer,
             name=f"amqp-reader-{self.host}",
         )
         self._reader.start()
+
+    # Upstream: TCP_USER_TIMEOUT is 1 s whatever the heartbeat, so a server that stops reading
+    # for a second (a memory alarm: it blocks publishers by not reading) kills the connection.
+    # Here, with heartbeats on, it is two heartbeat intervals, the horizon of the reader's
+    # missed-heartbeat check, so a send stuck on a dead peer fails in about the same time.
+    # A TCP_USER_TIMEOUT given in socket_settings is kept.
+    def _set_user_timeout(self, sock: Any, transport: Any) -> None:
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        settings = getattr(transport, "socket_settings", None) or {}
+        if option is None or not self.heartbeat or option in settings:
+            return
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(2000 * float(self.heartbeat)))
 
     # -- routing and waiting ---------------------------------------------------------------
 
@@ -188,6 +202,9 @@ class Connection(pyamqp.Connection):
         if self._reader is None:
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
+        waiting_on = getattr(self._local, "waiting_on", None)
+        if waiting_on is not None:
+            waiting_on._check_still_owned(inbox)
         try:
             mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
         except queue.Empty:
