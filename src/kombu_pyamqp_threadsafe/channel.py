@@ -22,6 +22,10 @@ from .inbox import RETIRED, Mailbox
 
 logger = logging.getLogger(__name__)
 
+#: How long close() waits without a reply for the server's Close-Ok before it forgets the
+#: channel (upstream waits forever).
+CLOSE_OK_TIMEOUT = 5.0
+
 
 #: Methods without a reply: any thread may send them on any channel.
 ANY_THREAD_METHODS = frozenset({spec.Basic.Ack, spec.Basic.Reject, spec.Basic.Nack,
@@ -42,7 +46,12 @@ class Channel(pyamqp.Channel):
         # interrupt in between leaves it True (see basic_publish_confirm).
         self._publishing = False
         self._unconfirmed: dict[int, bool | None] = {}
-        super().__init__(connection, channel_id, **kwargs)
+        try:
+            super().__init__(connection, channel_id, **kwargs)
+        except BaseException:
+            # Otherwise the thread's inbox would keep the mailbox, and with it the channel.
+            self._mailbox.retire()
+            raise
         # Upstream gives every channel a queue.Queue, ``returned_messages``, that neither
         # py-amqp nor kombu ever fills (returned messages go to the basic_return event). It
         # weighs about 4 KB with its three Conditions, half of a channel: with a channel per
@@ -92,11 +101,10 @@ class Channel(pyamqp.Channel):
             return
         self._raise_if_failed()
         closer = owner.thread
+        what = (f"channel {self.channel_id} was taken over by thread {closer.name!r}"
+                if closer is not None else "the channel was closed by another thread")
         raise ChannelTakenOverError(
-            f"channel {self.channel_id} was "
-            + (f"taken over by thread {closer.name!r}" if closer is not None else "closed")
-            + f" while thread {threading.current_thread().name!r} waited on it"
-        )
+            f"{what} while thread {threading.current_thread().name!r} waited on it")
 
     # Upstream: forgets callbacks and the channel id. Here also the undispatched methods.
     def collect(self) -> None:
@@ -153,18 +161,31 @@ class Channel(pyamqp.Channel):
         if connection is None:  # upstream raises "connection already closed"
             return super().wait(method, callback=callback, timeout=timeout,
                                 returns_tuple=returns_tuple)
+        closing = timeout is None and method == spec.Channel.CloseOk
         local = connection._local
         previous = getattr(local, "waiting_on", None)
         try:
             local.waiting_on = self
-            return super().wait(method, callback=callback, timeout=timeout,
+            return super().wait(method, callback=callback,
+                                timeout=CLOSE_OK_TIMEOUT if closing else timeout,
                                 returns_tuple=returns_tuple)
+        except TimeoutError:
+            if closing:  # see close()
+                self.collect()
+            raise
+        except RecoverableConnectionError:
+            if self.connection is None:  # upstream's "already closed": closed by whom?
+                self._check_still_owned(connection._thread_inbox())
+            raise
         finally:
             local.waiting_on = previous
 
-    # Upstream: closes from the calling thread, which then waits for CloseOk. Here the closing
-    # thread first takes ownership so the CloseOk reaches it (dramatiq closes consumers from the
-    # main thread while their own thread is blocked in drain_events).
+    # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
+    # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
+    # consumers from the main thread while their own thread is blocked in drain_events), and
+    # waits at most CLOSE_OK_TIMEOUT without a reply: then the channel is forgotten here
+    # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
+    # Close-Ok finds no channel).
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
               argsig: str = "BsBB") -> Any:
         if self.is_open:
@@ -245,11 +266,14 @@ class Channel(pyamqp.Channel):
         """Until the confirm of ``seq``; with no timeout, woken by the connection's failure
         or by another thread closing the channel (drain_events checks the owner)."""
         deadline = None if timeout is None else monotonic() + timeout
+        inbox = None
         while self._unconfirmed.get(seq) is None:
             connection = self.connection
             if connection is None:
                 self._raise_if_failed()
+                self._check_still_owned(self._mailbox.owner if inbox is None else inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
+            inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
             local = connection._local
             previous = getattr(local, "waiting_on", None)

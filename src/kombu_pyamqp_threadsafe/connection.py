@@ -115,6 +115,8 @@ class Connection(pyamqp.Connection):
             inbox = self._local.inbox = Inbox()
             with self._inboxes_lock:
                 self._inboxes.add(inbox)
+                if self._failure is not None:  # failed before: _fail() did not see this one
+                    inbox.wake()
         return inbox
 
     def _thread_inbox(self) -> Inbox | None:
@@ -298,6 +300,7 @@ class Connection(pyamqp.Connection):
                     sock.shutdown(socket.SHUT_RDWR)
         for inbox in inboxes:
             inbox.wake()
+        self._close_ok.set()  # a close() waiting for its Close-Ok waits no more
         return True
 
     def _teardown(self) -> None:
@@ -325,7 +328,10 @@ class Connection(pyamqp.Connection):
                 if channel is not self:
                     channel._failure = self._failure
                     channel.collect()
-        self._transport = self.connection = self.channels = None
+        # Upstream sets channels to None too; other threads may be inside py-amqp code that
+        # indexes it (a Channel being made), and would get TypeError, not a connection error.
+        # Here it stays a dict: what they do next reaches the writer, which raises the failure.
+        self._transport = self.connection = None
 
     # Upstream: closes the socket and forgets the channels. Here the same, after stopping the
     # reader and failing every waiting thread with a clear error.
