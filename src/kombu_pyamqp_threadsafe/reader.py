@@ -87,12 +87,12 @@ class Reader:
                 next_tick = self._heartbeat_tick()
 
     def _heartbeat_tick(self) -> float:
-        """Send a heartbeat when we have been quiet, fail when the server has been."""
+        """Send a heartbeat when we have been quiet, fail when the server has been; write what
+        an interrupted thread left queued. Never blocks (see FrameWriter.write_nowait)."""
         now = monotonic()
         heartbeat = self._heartbeat
-        if heartbeat:
-            if now - self._writer.last_write >= heartbeat / 2:
-                self._writer.try_write_heartbeat()
-            if now - self._last_read > 2 * heartbeat:
-                raise ConnectionForced("Too many heartbeats missed")
+        writer = self._writer
+        writer.write_nowait(bool(heartbeat) and now - writer.last_write >= heartbeat / 2)
+        if heartbeat and now - self._last_read > 2 * heartbeat:
+            raise ConnectionForced("Too many heartbeats missed")
         return now + self._tick
