@@ -15,6 +15,7 @@ import pytest
 
 import kombu_pyamqp_threadsafe as ts
 from kombu_pyamqp_threadsafe.connection import SSLTransport as SharedSSLSocketTransport
+from kombu_pyamqp_threadsafe.tls import TLSSocket
 from transport_helpers import (
     Proxy,
     Worker,
@@ -55,7 +56,7 @@ def test_amqps_with_many_threads(tls_files, tls_proxy, vhost, connection_name, q
         conn.ensure_connection(max_retries=3)
         transport = conn.connection.transport
         assert isinstance(transport, SharedSSLSocketTransport)
-        assert isinstance(transport.sock, ssl.SSLSocket)
+        assert isinstance(transport.sock, TLSSocket)
         assert transport.sock.getpeercert()["subject"] == ((("commonName", "localhost"),),)
         assert server_connections(connection_name) == 1
 

@@ -88,14 +88,15 @@ class FrameWriter:
     Messages leave the queue inside the ``sendmsg`` call that sends them, so an asynchronous
     exception (dramatiq's TimeLimit), which CPython raises only between bytecodes, finds a
     batch either still queued (the interrupted thread writes it on its way out) or handed to
-    the kernel; no other thread's message is ever dropped. TLS sockets have no ``sendmsg``:
-    there each thread writes its own message under the lock, as before combining.
+    the kernel; no other thread's message is ever dropped. Over TLS the socket is a
+    :class:`~.tls.TLSSocket`, whose ``sendmsg`` encrypts the batch and sends it the same way.
     """
 
     def __init__(self, connection: Any, transport: Any) -> None:
         self._connection = connection
         self._transport = transport
         sock = transport.sock
+        # An ssl.SSLSocket (not made by this package) has no sendmsg: one write per message.
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
         # Guards the socket's outbound byte stream: its holder writes every queued message,
         # each whole. Held across a blocking write, never across a read. An RLock because it
