@@ -84,6 +84,8 @@ class SSLTransport(_SharedSocketMixin, amqp_transport.SSLTransport):
     """TLS transport for a shared connection: TLS in a :class:`~.tls.TLSSocket`, so that the
     reader thread and the writers never use the one SSL object at the same time."""
 
+    sock: Any  # the raw socket, then the TLSSocket over it
+
     # Upstream: wraps the socket in an ``ssl.SSLSocket``, handshakes on it and reads and writes
     # through it. Here: upstream's own wrapping builds the context from the ``ssl`` options
     # (handshake deferred), then a TLSSocket takes its descriptor, handshakes through memory

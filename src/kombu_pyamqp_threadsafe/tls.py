@@ -67,8 +67,8 @@ class TLSSocket:
         # The C object behind the SSLObject: called from C (map) it leaves no bytecode, so no
         # room for an asynchronous exception, between taking a message and encrypting it.
         self._ssl: Any = getattr(self._tls, "_sslobj", self._tls)
-        # Guards the TLS object, both BIOs, _spill, _reads and _waiting: held only while encrypting,
-        # decrypting or moving ciphertext, never across a socket call.
+        # Guards the TLS object, both BIOs and the fields next to them: held only while
+        # encrypting, decrypting or moving ciphertext, never across a socket call.
         self._tls_lock = threading.Lock()
         # Wakes a write that waits for the reader to move a renegotiation on (over _tls_lock).
         self._progress = threading.Condition(self._tls_lock)
@@ -86,6 +86,10 @@ class TLSSocket:
         # pending() is exact (reader only).
         self._spill = b""
         self._eof = False
+        # Whether decrypted data waits (pending()), and whether the incoming BIO surely holds
+        # no whole record (so a read goes to the socket first). Written under _tls_lock.
+        self._ready = False
+        self._starved = False
         self._broken: BaseException | None = None
         self._notified = False
         self._scratch = memoryview(bytearray(RECV_SIZE))
@@ -124,7 +128,12 @@ class TLSSocket:
             if done:
                 return
             self._bound(deadline)
-            self._receive(0)
+            received = self._raw_recv(0)
+            with self._tls_lock:
+                if received:
+                    self._incoming.write(received)
+                else:
+                    self._incoming.write_eof()
 
     def _bound(self, deadline: float | None) -> None:
         if deadline is None:
@@ -137,9 +146,9 @@ class TLSSocket:
     # -- reading (one thread) --------------------------------------------------------------
 
     def pending(self) -> int:
-        """Decrypted bytes ready to read without waiting for the socket."""
-        with self._tls_lock:
-            return len(self._spill) + self._ssl.pending()
+        """Nonzero when decrypted data (or the end of the stream) waits that no poll of the
+        socket would announce. Set under the TLS lock by each decryption; read without it."""
+        return int(self._ready)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         """Decrypt into ``buffer`` what has arrived (0 at the end of the stream).
@@ -150,13 +159,13 @@ class TLSSocket:
         view = memoryview(buffer)
         if nbytes:
             view = view[:nbytes]
-        got = self._decrypt_into(view)
+        got = None if self._starved else self._decrypt_into(view)
         if got is None:
             try:
-                self._receive(socket.MSG_DONTWAIT)
+                received = self._raw_recv(socket.MSG_DONTWAIT)
             except BlockingIOError:
                 raise ssl.SSLWantReadError("part of a TLS record has arrived") from None
-            got = self._decrypt_into(view)
+            got = self._decrypt_into(view, received)
             if got is None:
                 raise ssl.SSLWantReadError("part of a TLS record has arrived")
         return got
@@ -165,58 +174,31 @@ class TLSSocket:
         """Blocking read of up to ``bufsize`` decrypted bytes (the handshake's, before the
         reader thread starts); the raw socket's timeout applies."""
         buffer = bytearray(bufsize)
-        while True:
-            got = self._decrypt_into(memoryview(buffer))
-            if got is not None:
-                return bytes(buffer[:got])
-            self._receive(0)
+        view = memoryview(buffer)
+        got = self._decrypt_into(view)
+        while got is None:
+            got = self._decrypt_into(view, self._raw_recv(0))
+        return bytes(buffer[:got])
 
-    def _receive(self, flags: int) -> None:
-        """One read of the raw socket into the incoming BIO (outside the TLS lock)."""
+    def _raw_recv(self, flags: int) -> memoryview:
+        """One read of the raw socket (outside the TLS lock); empty at its end."""
         scratch = self._scratch
-        received = self._sock.recv_into(scratch, 0, flags)
-        with self._tls_lock:
-            if received:
-                self._incoming.write(scratch[:received])
-            else:
-                self._incoming.write_eof()
+        return scratch[: self._sock.recv_into(scratch, 0, flags)]
 
-    def _decrypt_into(self, view: memoryview) -> int | None:
-        """Under the TLS lock, decrypt into ``view`` as much as has arrived: the byte count,
-        0 at the end of the stream, None when a whole record is still missing."""
+    def _decrypt_into(self, view: memoryview, received: memoryview | None = None) -> int | None:
+        """Under the TLS lock, hand ``received`` ciphertext to the TLS object (empty: the TCP
+        stream ended), then decrypt into ``view`` as much as has arrived: the byte count, 0 at
+        the end of the stream, None when a whole record is still missing."""
         size = len(view)
         got = 0
         with self._tls_lock:
             try:
-                if self._eof:
-                    return 0
-                spill = self._spill
-                if spill:
-                    got = min(size, len(spill))
-                    view[:got] = spill[:got]
-                    self._spill = spill[got:]
-                    if self._spill:
-                        return got
-                read = self._ssl.read
-                try:
-                    while got < size:
-                        got += read(size - got, view[got:])
-                except ssl.SSLWantReadError:
-                    pass
-                except _EOF_ERRORS:
-                    # close_notify (SSL_ERROR_ZERO_RETURN), or the TCP stream ended without it
-                    # (read as the end too, like upstream's suppress_ragged_eofs).
-                    self._eof = True
-                else:
-                    # The buffer is full. Look one record ahead, so pending() tells whether
-                    # decrypted data waits that no poll of the socket would announce.
-                    if not self._ssl.pending() and self._incoming.pending:
-                        try:
-                            self._spill = read(RECORD_SIZE)
-                        except ssl.SSLWantReadError:
-                            pass
-                        except _EOF_ERRORS:
-                            self._eof = True
+                if received is not None:
+                    if received:
+                        self._incoming.write(received)
+                    else:
+                        self._incoming.write_eof()
+                got = self._read_into(view, size)
             finally:
                 self._reads += 1
                 if self._waiting:
@@ -227,9 +209,46 @@ class TLSSocket:
                     self._unsent.extend(iter(self._outgoing.read, b""))
         if produced:
             self._send_unsent_nowait()
-        if got or self._eof:
+        return got
+
+    def _read_into(self, view: memoryview, size: int) -> int | None:
+        """Under the TLS lock: the decrypting loop of _decrypt_into; sets _ready and _starved."""
+        if self._eof:
+            return 0
+        got = 0
+        spill = self._spill
+        if spill:
+            got = min(size, len(spill))
+            view[:got] = spill[:got]
+            self._spill = spill = spill[got:]
+            if spill:
+                return got
+        read = self._ssl.read
+        try:
+            while got < size:
+                got += read(size - got, view[got:])
+        except ssl.SSLWantReadError:
+            # No whole record left: nothing is ready until the socket brings more.
+            self._ready = False
+            self._starved = True
+            return got or None
+        except _EOF_ERRORS:
+            # close_notify (SSL_ERROR_ZERO_RETURN), or the TCP stream ended without it (read
+            # as the end too, like upstream's suppress_ragged_eofs).
+            self._eof = self._ready = True
             return got
-        return None
+        # The buffer is full. Look one record ahead, so pending() tells whether decrypted data
+        # waits that no poll of the socket would announce.
+        self._starved = False
+        if not self._ssl.pending() and self._incoming.pending:
+            try:
+                self._spill = read(RECORD_SIZE)
+            except ssl.SSLWantReadError:
+                self._starved = True
+            except _EOF_ERRORS:
+                self._eof = True
+        self._ready = self._eof or bool(self._spill) or self._ssl.pending() > 0
+        return got
 
     # -- writing (the write lock's holder) -------------------------------------------------
 
@@ -273,6 +292,9 @@ class TLSSocket:
                         retry = next(islice(taken, len(counts) - done, None))
                         done = len(counts) + 1
                     seen = self._reads
+                    # OpenSSL may have read records here: let the reader decrypt first.
+                    self._starved = False
+                    self._ready = True
                 except BaseException as exc:
                     # Before the C call, or after it: every message is still queued or
                     # encrypted. An SSL error, or a write left to repeat, ends the stream.
@@ -285,10 +307,14 @@ class TLSSocket:
                 if deadline is None:
                     deadline = monotonic() + self.timeout
                 self._send_unsent()
+
+                def read_since(seen: int = seen) -> bool:
+                    return self._reads != seen
+
                 with self._progress:
                     self._waiting += 1
                     try:
-                        moved = self._progress.wait_for(lambda seen=seen: self._reads != seen,
+                        moved = self._progress.wait_for(read_since,
                                                         max(0.0, deadline - monotonic()))
                     finally:
                         self._waiting -= 1
