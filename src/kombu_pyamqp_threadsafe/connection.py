@@ -30,6 +30,7 @@ from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .frames import FrameWriter
 from .inbox import Inbox
 from .reader import Reader
+from .tls import TLSSocket
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,22 @@ class TCPTransport(_SharedSocketMixin, amqp_transport.TCPTransport):
 
 
 class SSLTransport(_SharedSocketMixin, amqp_transport.SSLTransport):
-    """TLS transport for a shared connection."""
+    """TLS transport for a shared connection: TLS in a :class:`~.tls.TLSSocket`, so that the
+    reader thread and the writers never use the one SSL object at the same time."""
+
+    sock: Any  # the raw socket, then the TLSSocket over it
+
+    # Upstream: wraps the socket in an ``ssl.SSLSocket``, handshakes on it and reads and writes
+    # through it. Here: upstream's own wrapping builds the context from the ``ssl`` options
+    # (handshake deferred), then a TLSSocket takes its descriptor, handshakes through memory
+    # BIOs within connect_timeout and does the socket I/O itself.
+    def _setup_transport(self) -> None:
+        options = {**self.sslopts, "do_handshake_on_connect": False}
+        wrapped = self._wrap_socket(self.sock, **options)
+        self.sock = sock = TLSSocket.over(wrapped, timeout=self.connect_timeout)
+        sock.do_handshake(self.connect_timeout)
+        self._quick_recv = sock.recv
+        self._write = sock.sendall
 
 
 class Connection(pyamqp.Connection):

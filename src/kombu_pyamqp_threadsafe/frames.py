@@ -89,14 +89,15 @@ class FrameWriter:
     Messages leave the queue inside the ``sendmsg`` call that sends them, so an asynchronous
     exception (dramatiq's TimeLimit), which CPython raises only between bytecodes, finds a
     batch either still queued (the interrupted thread writes it on its way out) or handed to
-    the kernel; no other thread's message is ever dropped. TLS sockets have no ``sendmsg``:
-    there each thread writes its own message under the lock, as before combining.
+    the kernel; no other thread's message is ever dropped. Over TLS the socket is a
+    :class:`~.tls.TLSSocket`, whose ``sendmsg`` encrypts the batch and sends it the same way.
     """
 
     def __init__(self, connection: Any, transport: Any) -> None:
         self._connection = connection
         self._transport = transport
         sock = transport.sock
+        # An ssl.SSLSocket (not made by this package) has no sendmsg: one write per message.
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
         # The reader's writes: never block (it is the one thread that checks heartbeats).
         self._send_nowait = None if self._sendmsg is None else _nonblocking(sock)

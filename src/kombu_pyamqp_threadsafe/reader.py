@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import select
 import threading
+from ssl import SSLWantReadError
 from time import monotonic
 from typing import Any
 
@@ -76,7 +77,11 @@ class Reader:
                 if not poller.poll(wait_ms):
                     next_tick = self._heartbeat_tick()
                     continue
-            if not frames.receive(recv_into):
+            try:
+                received = frames.receive(recv_into)
+            except SSLWantReadError:  # TLS: part of a record has arrived; poll for the rest
+                continue
+            if not received:
                 if self.stopping:
                     return
                 raise OSError("Server unexpectedly closed connection")
