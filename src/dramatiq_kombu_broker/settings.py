@@ -9,6 +9,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from kombu_pyamqp_threadsafe import KombuConnection
 
+from .reconnect import failover_order
+
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SCHEMES = ("amqp", "amqps", "pyamqp")
 #: Longest accepted delay: a year. A delayed message waits unacked on a consumer, so a longer
@@ -91,7 +93,10 @@ class BrokerSettings:
             **options.get("client_properties", {}), "connection_name": f"{name}-{role}",
         }
         options["confirm_publish"] = confirm_publish
-        url: str | list[str] = self.urls if len(self.urls) > 1 else self.urls[0]
+        # Each connection starts on a random node of a failover list, so the workers of a
+        # cluster spread over its nodes; KombuConnection then goes node after node.
+        urls = failover_order(self.urls)
+        url: str | list[str] = urls if len(urls) > 1 else urls[0]
         # No pool limit: each publishing thread keeps a channel (the broker's
         # _with_producer_channel), so the bound is the server's channel_max, whose error says so.
         return KombuConnection(url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,
