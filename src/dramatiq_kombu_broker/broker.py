@@ -12,7 +12,7 @@ import amqp
 from amqp.exceptions import AMQPError, ChannelError, PreconditionFailed
 from dramatiq.broker import Broker, Consumer
 from dramatiq.common import current_millis, dq_name, q_name, xq_name
-from dramatiq.errors import QueueJoinTimeout
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 
@@ -318,10 +318,16 @@ class KombuBroker(Broker):
     def _producer_server(self) -> str:
         return self.producer_connection.as_uri()
 
-    @staticmethod
-    def connect(connection: KombuConnection) -> None:
-        """Connect if needed with one attempt (kombu's own retry would sleep 2 s first)."""
+    def connect(self, connection: KombuConnection) -> None:
+        """Connect if needed with one attempt (kombu's own retry would sleep 2 s first).
+
+        Threads that call it at once open one connection between them; a failed attempt moves
+        the connection to the next URL of a failover list. A connection this broker no longer
+        holds (it was closed) is never opened again.
+        """
         if not connection.connected:
+            if connection not in (self._connections or ()):
+                raise ConnectionClosed(f"{self!r} was closed")
             connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
 
     # -- inspection (tests, join) ----------------------------------------------------------

@@ -17,6 +17,7 @@ from .connection_parameters import (
     split_url_query,
     url_from_parameters,
 )
+from .reconnect import failover_order
 from .topology import CLASSIC, check_queue_options, declarations
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -154,7 +155,10 @@ class BrokerSettings:
             **options.get("client_properties", {}), "connection_name": f"{name}-{role}",
         }
         options["confirm_publish"] = confirm_publish
-        url: str | list[str] = self.urls if len(self.urls) > 1 else self.urls[0]
+        # Each connection starts on a random node of a failover list, so the workers of a
+        # cluster spread over its nodes; KombuConnection then goes node after node.
+        urls = failover_order(self.urls)
+        url: str | list[str] = urls if len(urls) > 1 else urls[0]
         # No pool limit: each publishing thread keeps a channel (the broker's
         # _with_producer_channel), so the bound is the server's channel_max, whose error says so.
         return KombuConnection(url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,
