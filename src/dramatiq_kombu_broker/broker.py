@@ -15,7 +15,7 @@ from dramatiq.errors import QueueJoinTimeout
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 
-from kombu_pyamqp_threadsafe import KombuConnection, forksafe
+from kombu_pyamqp_threadsafe import KombuConnection, PublishBlockedError, forksafe
 
 from .consumer import KombuConsumer
 from .errors import QueueArgumentsMismatch
@@ -51,6 +51,9 @@ class KombuBroker(Broker):
         queues.
       queue_arguments: extra arguments for ``q`` and ``q.DQ`` (for example ``x-queue-type``).
       connect_timeout: seconds to wait for the TCP and AMQP handshake.
+      blocked_timeout: seconds a send waits while the server blocks publishing (a memory or
+        disk alarm) before it raises ConnectionClosed naming the reason; None waits until the
+        alarm clears (default 30).
       ssl: options for ``amqps://`` (passed to kombu).
       transport_options: more options for kombu's connection.
     """
@@ -230,6 +233,10 @@ class KombuBroker(Broker):
             )
         try:
             return use(held[1].channel)
+        except PublishBlockedError:
+            # The channel is fine and is kept: closing it would wait for a Close-Ok the server
+            # does not send while it is not reading a blocked connection.
+            raise
         except BaseException:
             self._producer_leases.held = None
             held[1].release(discard=True)

@@ -30,6 +30,7 @@ class BrokerSettings:
     ssl: Any = None
     transport_options: dict[str, Any] = field(default_factory=dict)
     max_delay: int = DEFAULT_MAX_DELAY_MS
+    blocked_timeout: float | None = 30.0
 
     @classmethod
     def from_arguments(cls, url: str | list[str] | None, **options: Any) -> BrokerSettings:
@@ -65,6 +66,11 @@ class BrokerSettings:
             raise ValueError(f"transport_options must be a dict, got {self.transport_options!r}")
         if self.connection_name is not None and not isinstance(self.connection_name, str):
             raise ValueError(f"connection_name must be a string, got {self.connection_name!r}")
+        timeout = self.blocked_timeout
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"blocked_timeout must be a number of seconds >= 0 or None, "
+                             f"got {timeout!r}")
         if not (isinstance(self.max_delay, int) and self.max_delay > 0):
             raise ValueError(f"max_delay must be a positive number of milliseconds, "
                              f"got {self.max_delay!r}")
@@ -91,6 +97,7 @@ class BrokerSettings:
             **options.get("client_properties", {}), "connection_name": f"{name}-{role}",
         }
         options["confirm_publish"] = confirm_publish
+        options["blocked_timeout"] = self.blocked_timeout
         url: str | list[str] = self.urls if len(self.urls) > 1 else self.urls[0]
         # No pool limit: each publishing thread keeps a channel (the broker's
         # _with_producer_channel), so the bound is the server's channel_max, whose error says so.

@@ -8,6 +8,7 @@ from .errors import (
     ConnectionClosedError,
     ConnectionLostError,
 )
+from .flow import PublishBlockedError
 from .kombu_connection import KombuConnection
 from .pool import ChannelPool, PooledChannel
 from .transport import (
@@ -27,6 +28,7 @@ __all__ = [
     "ConnectionLostError",
     "KombuConnection",
     "PooledChannel",
+    "PublishBlockedError",
     "SSLTransport",
     "Transport",
     "add_shared_amqp_transport",

@@ -92,18 +92,23 @@ class Channel(pyamqp.Channel):
             raise failure.for_caller()
 
     # Upstream: any thread may send any method. Here a method that expects a reply is refused,
-    # before anything is written, unless the calling thread owns the channel.
+    # before anything is written, unless the calling thread owns the channel; while the server
+    # blocks the connection it is written only once unblocked (up to blocked_timeout).
     def send_method(self, sig: Any, *args: Any, **kwargs: Any) -> Any:
         self._raise_if_failed()
         if sig not in ANY_THREAD_METHODS:
             self._check_owner()
+            if kwargs.get("wait") is not None and self.connection is not None:
+                # Its reply would not come while the server blocks the connection (flow.py).
+                self.connection.flow.wait_before_write()
         return super().send_method(sig, *args, **kwargs)
 
     # Upstream: before every publish drains the connection once (timeout=0) to notice a
     # connection.blocked notification, and sets the socket's timeout around the write. Here the
     # reader thread handles connection.blocked as it arrives, and a timeout bounds the wait
     # for the write lock when a publish has to wait for it (FrameWriter), so a publish is one
-    # write. A collected channel raises why its connection stopped.
+    # write; a blocked connection is waited out before writing, up to blocked_timeout (flow.py).
+    # A collected channel raises why its connection stopped.
     def _basic_publish(self, msg: Any, exchange: str = "", routing_key: str = "",
                        mandatory: bool = False, immediate: bool = False,
                        timeout: float | None = None, confirm_timeout: float | None = None,
@@ -112,6 +117,7 @@ class Channel(pyamqp.Channel):
         connection = self.connection
         if connection is None:
             raise RecoverableConnectionError("basic_publish: connection closed")
+        connection.flow.wait_before_write(timeout)
         args = (0, exchange, routing_key, mandatory, immediate)
         if timeout is None:
             return self.send_method(spec.Basic.Publish, argsig, args, msg)
@@ -188,6 +194,8 @@ class Channel(pyamqp.Channel):
         return result
 
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
+        """Dispatch until ``seq`` is confirmed; while the server blocks the connection, at most
+        until blocked_timeout after the block began (flow.py)."""
         deadline = None if timeout is None else monotonic() + timeout
         while self._unconfirmed.get(seq) is None:
             connection = self.connection
@@ -195,7 +203,12 @@ class Channel(pyamqp.Channel):
                 self._raise_if_failed()
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            connection.drain_events(timeout=remaining)
+            wait = connection.flow.bound_confirm_wait(remaining)
+            try:
+                connection.drain_events(timeout=wait)
+            except TimeoutError:
+                if wait == remaining:
+                    raise
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

@@ -27,6 +27,7 @@ from kombu.transport import pyamqp
 from . import forksafe
 from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
+from .flow import FlowControl
 from .frames import FrameWriter
 from .inbox import Inbox
 from .reader import Reader
@@ -88,9 +89,16 @@ class Connection(pyamqp.Connection):
 
     Channel = Channel
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    # Upstream: Connection.Blocked is read without its argument, so the server's reason is lost
+    # (on_blocked gets "connection blocked, see broker logs"). Here its reason is read.
+    _METHODS = {**pyamqp.Connection._METHODS,
+                spec.Connection.Blocked: spec.method(spec.Connection.Blocked, "s")}
+
+    def __init__(self, *args: Any, blocked_timeout: float | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("frame_writer", FrameWriter)
         super().__init__(*args, **kwargs)
+        #: Blocked by the server or not (set by the reader, waited on before each publish).
+        self.flow = FlowControl(self.host, blocked_timeout)
         # Guards _inboxes and the first assignment of _failure (so every inbox that exists
         # when the connection fails is woken exactly once).
         self._inboxes_lock = threading.Lock()
@@ -242,6 +250,22 @@ class Connection(pyamqp.Connection):
             self.send_method(spec.Connection.CloseOk)
         raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
 
+    # Upstream: calls on_blocked; kombu then notices the block only when it drains the connection
+    # before its next publish. Here the reader records it, so publishers wait before they write
+    # (see flow.py); threads waiting for a confirm are woken to bound that wait.
+    def _on_blocked(self, reason: str = "") -> None:
+        if self.flow.block(reason):
+            with self._inboxes_lock:
+                inboxes = list(self._inboxes)
+            for inbox in inboxes:
+                inbox.wake()
+        if self.on_blocked:
+            self.on_blocked(reason)
+
+    def _on_unblocked(self) -> None:
+        self.flow.unblock()
+        super()._on_unblocked()
+
     # Upstream: Close-Ok collects the connection. Here it tells close() that the server is done.
     def _on_close_ok(self) -> None:
         reader = self._reader
@@ -271,6 +295,7 @@ class Connection(pyamqp.Connection):
                 return False
             self._failure = failure
             inboxes = list(self._inboxes)
+        self.flow.end()
         transport = self._transport
         if transport is not None:
             transport.connected = False
