@@ -11,6 +11,7 @@ from .errors import (
 from .flow import PublishBlockedError
 from .kombu_connection import KombuConnection
 from .pool import ChannelPool, PooledChannel
+from .stats import ConnectionStats, connection_stats
 from .transport import (
     SSLTransport,
     Transport,
@@ -26,11 +27,13 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "ConnectionLostError",
+    "ConnectionStats",
     "KombuConnection",
     "PooledChannel",
     "PublishBlockedError",
     "SSLTransport",
     "Transport",
     "add_shared_amqp_transport",
+    "connection_stats",
     "monkeypatch_pyamqp_transport",
 ]

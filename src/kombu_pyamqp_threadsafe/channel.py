@@ -38,6 +38,8 @@ class Channel(pyamqp.Channel):
         self._failure: Failure | None = None
         self._publish_seq = 0
         self._unconfirmed: dict[int, bool | None] = {}
+        #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
+        self.confirmed = self.nacked = 0
         super().__init__(connection, channel_id, **kwargs)
         # Upstream gives every channel a queue.Queue, ``returned_messages``, that neither
         # py-amqp nor kombu ever fills (returned messages go to the basic_return event). It
@@ -83,6 +85,9 @@ class Channel(pyamqp.Channel):
     # Upstream: forgets callbacks and the channel id. Here also the undispatched methods.
     def collect(self) -> None:
         self._mailbox.retire()
+        connection = self.connection
+        if connection is not None:
+            connection.channel_totals.collect(self)
         super().collect()
 
     def _raise_if_failed(self) -> None:
@@ -99,8 +104,10 @@ class Channel(pyamqp.Channel):
         if sig not in ANY_THREAD_METHODS:
             self._check_owner()
             if kwargs.get("wait") is not None and self.connection is not None:
-                # Its reply would not come while the server blocks the connection (flow.py).
-                self.connection.flow.wait_before_write()
+                # Its reply would not come while the server blocks the connection (flow.py). A
+                # close does not wait (closing a pool would take blocked_timeout per channel):
+                # while blocked it raises at once and the channel goes with its connection.
+                self.connection.flow.wait_before_write(0.0 if sig == spec.Channel.Close else None)
         return super().send_method(sig, *args, **kwargs)
 
     # Upstream: before every publish drains the connection once (timeout=0) to notice a
@@ -189,6 +196,10 @@ class Channel(pyamqp.Channel):
             self._wait_for_confirm(seq, confirm_timeout or kwargs.get("timeout"))
         finally:
             outcome = self._unconfirmed.pop(seq, None)
+        if outcome:
+            self.confirmed += 1
+        elif outcome is False:
+            self.nacked += 1
         if outcome is False:
             raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
         return result

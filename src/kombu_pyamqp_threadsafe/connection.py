@@ -31,6 +31,7 @@ from .flow import FlowControl
 from .frames import FrameWriter
 from .inbox import Inbox
 from .reader import Reader
+from .stats import ChannelTotals
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ class Connection(pyamqp.Connection):
         super().__init__(*args, **kwargs)
         #: Blocked by the server or not (set by the reader, waited on before each publish).
         self.flow = FlowControl(self.host, blocked_timeout)
+        #: Methods received, by signature (counted by the reader; stats.py).
+        self.received: dict[Any, int] = {}
+        #: Confirms counted by channels already collected (stats.py).
+        self.channel_totals = ChannelTotals()
         # Guards _inboxes and the first assignment of _failure (so every inbox that exists
         # when the connection fails is woken exactly once).
         self._inboxes_lock = threading.Lock()
@@ -169,6 +174,8 @@ class Connection(pyamqp.Connection):
     # only connection-level methods (channel 0) and hands the rest to the owner's inbox.
     def on_inbound_method(self, channel_id: int, method_sig: Any, payload: Any,
                           content: Any) -> Any:
+        received = self.received
+        received[method_sig] = received.get(method_sig, 0) + 1
         if channel_id == 0 or self._reader is None:
             return super().on_inbound_method(channel_id, method_sig, payload, content)
         channels = self.channels
