@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import rabbit_admin
+from stress import rabbit_admin
 
 LOCK_PATH = "/tmp/kombu-pyamqp-threadsafe-rabbitmq-alarm.lock"
 #: Below this relative watermark (or with a disk limit above the free space) an alarm is on.

@@ -17,12 +17,12 @@ import amqp
 import dramatiq
 import pytest
 
-import rabbit_admin
 from broker_helpers import Recorder, close_connections_named, raw_channel, unique, wait_until
 from dramatiq_kombu_broker import reconnect
 from dramatiq_kombu_broker.consumer import KombuConsumer
 from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order
 from kombu_pyamqp_threadsafe.connection import Connection as ThreadSafeConnection
+from stress import rabbit_admin
 from transport_helpers import Proxy
 
 DRAMATIQ_RESTART = "Consumer encountered a connection error"
