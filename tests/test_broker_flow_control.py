@@ -104,7 +104,7 @@ def test_block_and_unblock_log_once_each(caplog: pytest.LogCaptureFixture) -> No
 
 def test_a_negative_blocked_timeout_is_refused(env: BrokerEnv) -> None:
     with pytest.raises(ValueError, match="blocked_timeout"):
-        env.broker(blocked_connection_timeout=-1)
+        env.broker(blocked_timeout=-1)
 
 
 # -- real alarms ---------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_memory_alarm_send_fails_in_time_and_the_consumer_keeps_acking(
         env: BrokerEnv, amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=FLOW_LOGGER)
     blocked_timeout = 1.5
-    broker = env.broker(blocked_connection_timeout=blocked_timeout)
+    broker = env.broker(blocked_timeout=blocked_timeout)
     queue_name, work_queue = unique(), unique()
 
     @dramatiq.actor(queue_name=queue_name, broker=broker)
@@ -179,7 +179,7 @@ def test_memory_alarm_send_fails_in_time_and_the_consumer_keeps_acking(
 
 def test_disk_alarm_send_fails_naming_the_reason(env: BrokerEnv) -> None:
     blocked_timeout = 1.0
-    broker = env.broker(blocked_connection_timeout=blocked_timeout, confirm_delivery=False)
+    broker = env.broker(blocked_timeout=blocked_timeout, confirm_delivery=False)
     queue_name = unique()
 
     @dramatiq.actor(queue_name=queue_name, broker=broker)
