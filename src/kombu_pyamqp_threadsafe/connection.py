@@ -195,7 +195,8 @@ class Connection(pyamqp.Connection):
         doorbells.clear()
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
-    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.
+    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``. A
+    # thread waiting for a reply waits while blocked at most blocked_timeout (flow.py).
     def drain_events(self, timeout: float | None = None) -> None:
         failure = self._failure
         if failure is not None:
@@ -203,9 +204,17 @@ class Connection(pyamqp.Connection):
         if self._reader is None:
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
+        wait = timeout
+        if getattr(self._local, "awaiting_reply", False):
+            # A reply (a confirm, a declare-ok) does not come while the server blocks the
+            # connection: wait at most blocked_timeout from the start of the block (flow.py).
+            wait = self.flow.bound_reply_wait(timeout)
         try:
-            mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
+            mailbox = inbox.next_mailbox(None if wait is None else max(wait, 0.0))
         except queue.Empty:
+            if wait != timeout:  # the block's bound ran out, not the caller's
+                self.flow.bound_reply_wait(timeout)  # raises PublishBlockedError
+                return None  # unblocked meanwhile
             raise TimeoutError("timed out") from None
         if mailbox is None:
             failure = self._failure
