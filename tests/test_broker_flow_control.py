@@ -28,8 +28,8 @@ FLOW_LOGGER = "kombu_pyamqp_threadsafe.flow"
 def test_open_flow_does_not_wait_or_bound() -> None:
     flow = FlowControl("host", timeout=0.0)
     flow.wait_before_write()
-    assert flow.bound_reply_wait(None) is None
-    assert flow.bound_reply_wait(3.0) == 3.0
+    assert flow.bound_confirm_wait(None) is None
+    assert flow.bound_confirm_wait(3.0) == 3.0
 
 
 def test_blocked_flow_raises_with_the_reason_after_the_timeout() -> None:
@@ -78,14 +78,14 @@ def test_a_waiting_publisher_is_woken_by_unblock_and_by_the_connection_ending(
 def test_reply_wait_is_bounded_from_the_start_of_the_block() -> None:
     flow = FlowControl("host", timeout=10.0)
     flow.block("low on memory")
-    bound = flow.bound_reply_wait(None)
+    bound = flow.bound_confirm_wait(None)
     assert bound is not None and 9.0 < bound <= 10.0
-    assert flow.bound_reply_wait(1.0) == 1.0
+    assert flow.bound_confirm_wait(1.0) == 1.0
     flow.since -= 11.0  # the block began 11 s ago
     with pytest.raises(PublishBlockedError, match="low on memory"):
-        flow.bound_reply_wait(None)
+        flow.bound_confirm_wait(None)
     flow.unblock()
-    assert flow.bound_reply_wait(None) is None
+    assert flow.bound_confirm_wait(None) is None
 
 
 def test_block_and_unblock_log_once_each(caplog: pytest.LogCaptureFixture) -> None:

@@ -138,13 +138,23 @@ class Channel(pyamqp.Channel):
     basic_publish = _basic_publish
 
     # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
-    # because replies are delivered to the owner's inbox.
+    # because replies are delivered to the owner's inbox; while the server blocks the
+    # connection, at most blocked_timeout from the start of the block (drain_events).
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
-        with _awaiting_reply(self.connection):
+        connection = self.connection
+        if connection is None:  # upstream raises "connection already closed"
             return super().wait(method, callback=callback, timeout=timeout,
                                 returns_tuple=returns_tuple)
+        local = connection._local
+        previous = getattr(local, "waiting_on", None)
+        try:
+            local.waiting_on = self  # bounds the wait while blocked (Connection.drain_events)
+            return super().wait(method, callback=callback, timeout=timeout,
+                                returns_tuple=returns_tuple)
+        finally:
+            local.waiting_on = previous
 
     # Upstream: closes from the calling thread, which then waits for CloseOk. Here the closing
     # thread first takes ownership so the CloseOk reaches it (dramatiq closes consumers from the
@@ -194,8 +204,7 @@ class Channel(pyamqp.Channel):
         seq = self._publish_seq
         self._unconfirmed[seq] = None
         try:
-            with _awaiting_reply(self.connection):
-                self._wait_for_confirm(seq, confirm_timeout or kwargs.get("timeout"))
+            self._wait_for_confirm(seq, confirm_timeout or kwargs.get("timeout"))
         finally:
             outcome = self._unconfirmed.pop(seq, None)
         if outcome:
@@ -207,6 +216,8 @@ class Channel(pyamqp.Channel):
         return result
 
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
+        """Dispatch until ``seq`` is confirmed; while the server blocks the connection, at most
+        until blocked_timeout after the block began (flow.py)."""
         deadline = None if timeout is None else monotonic() + timeout
         while self._unconfirmed.get(seq) is None:
             connection = self.connection
@@ -214,7 +225,12 @@ class Channel(pyamqp.Channel):
                 self._raise_if_failed()
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            connection.drain_events(timeout=remaining)
+            wait = connection.flow.bound_confirm_wait(remaining)
+            try:
+                connection.drain_events(timeout=wait)
+            except TimeoutError:
+                if wait == remaining:
+                    raise
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)
@@ -230,24 +246,3 @@ class Channel(pyamqp.Channel):
         elif delivery_tag in unconfirmed:
             unconfirmed[delivery_tag] = outcome
 
-
-class _awaiting_reply:  # noqa: N801 - used as a context manager, like contextlib's
-    """Marks the calling thread as waiting for a reply on ``connection``, which bounds its
-    waits while the server blocks the connection (Connection.drain_events, flow.py). A class,
-    not a generator: it runs once per confirmed publish."""
-
-    __slots__ = ("_local", "_previous")
-
-    def __init__(self, connection: Any) -> None:
-        self._local = connection._local if connection is not None else None
-
-    def __enter__(self) -> None:
-        local = self._local
-        if local is not None:
-            self._previous = getattr(local, "awaiting_reply", False)
-            local.awaiting_reply = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        local = self._local
-        if local is not None:
-            local.awaiting_reply = self._previous

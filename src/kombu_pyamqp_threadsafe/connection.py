@@ -205,15 +205,15 @@ class Connection(pyamqp.Connection):
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
         wait = timeout
-        if getattr(self._local, "awaiting_reply", False):
-            # A reply (a confirm, a declare-ok) does not come while the server blocks the
-            # connection: wait at most blocked_timeout from the start of the block (flow.py).
-            wait = self.flow.bound_reply_wait(timeout)
+        if getattr(self._local, "waiting_on", None) is not None:
+            # A reply (a declare-ok, a channel's open-ok) does not come while the server blocks
+            # the connection: wait at most blocked_timeout from the start of the block (flow.py).
+            wait = self.flow.bound_confirm_wait(timeout)
         try:
             mailbox = inbox.next_mailbox(None if wait is None else max(wait, 0.0))
         except queue.Empty:
             if wait != timeout:  # the block's bound ran out, not the caller's
-                self.flow.bound_reply_wait(timeout)  # raises PublishBlockedError
+                self.flow.bound_confirm_wait(timeout)  # raises PublishBlockedError
                 return None  # unblocked meanwhile
             raise TimeoutError("timed out") from None
         if mailbox is None:

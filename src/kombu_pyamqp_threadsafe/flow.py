@@ -114,8 +114,9 @@ class FlowControl:
         if not self._open.wait(limit):
             raise PublishBlockedError(self.reason or "connection blocked", monotonic() - started)
 
-    def bound_reply_wait(self, remaining: float | None) -> float | None:
-        """How long a wait for a reply may block now: ``remaining``, or less while blocked.
+    def bound_confirm_wait(self, remaining: float | None) -> float | None:
+        """How long a wait for a confirm (or another reply) may block now: ``remaining``, or
+        less while blocked.
 
         A method written just before the block (the publish that made the server block, whose
         confirm then comes only after the alarm; a declare or a channel open that crossed the
