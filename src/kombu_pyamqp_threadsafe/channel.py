@@ -166,7 +166,9 @@ class Channel(pyamqp.Channel):
     # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
     # because replies are delivered to the owner's inbox.
     # While it waits, drain_events checks that the channel is still the caller's (another
-    # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever.
+    # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever,
+    # and while the server blocks the connection it waits at most blocked_timeout from the
+    # start of the block.
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
@@ -294,15 +296,11 @@ class Channel(pyamqp.Channel):
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            wait = connection.flow.bound_confirm_wait(remaining)
             local = connection._local
             previous = getattr(local, "waiting_on", None)
             try:
                 local.waiting_on = self
-                connection.drain_events(timeout=wait)
-            except TimeoutError:
-                if wait == remaining:
-                    raise
+                connection.drain_events(timeout=remaining)
             finally:
                 local.waiting_on = previous
 

@@ -227,7 +227,8 @@ class Connection(pyamqp.Connection):
         doorbells.clear()
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
-    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.
+    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``. A
+    # thread waiting for a reply waits while blocked at most blocked_timeout (flow.py).
     def drain_events(self, timeout: float | None = None) -> None:
         failure = self._failure
         if failure is not None:
@@ -236,11 +237,19 @@ class Connection(pyamqp.Connection):
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
         waiting_on = getattr(self._local, "waiting_on", None)
+        wait = timeout
         if waiting_on is not None:
             waiting_on._check_still_owned(inbox)
+            # A reply (a confirm, a declare-ok, a channel's open-ok) does not come while the
+            # server blocks the connection: wait at most blocked_timeout from the start of the
+            # block (flow.py).
+            wait = self.flow.bound_confirm_wait(timeout)
         try:
-            mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
+            mailbox = inbox.next_mailbox(None if wait is None else max(wait, 0.0))
         except queue.Empty:
+            if wait != timeout:  # the block's bound ran out, not the caller's
+                self.flow.bound_confirm_wait(timeout)  # raises PublishBlockedError
+                return None  # unblocked meanwhile
             raise TimeoutError("timed out") from None
         if mailbox is None:
             failure = self._failure
