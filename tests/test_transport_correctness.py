@@ -442,3 +442,38 @@ class _SignallingEvent(threading.Event):
     def wait(self, timeout=None):
         self._waiting.set()
         return super().wait(timeout)
+
+
+class _InterruptedTake(Mailbox):
+    """A channel's mailbox whose next take() is interrupted just after it returns."""
+
+    __slots__ = ()
+
+    def take(self, inbox):
+        method = super().take(inbox)
+        if method is not None:
+            self.__class__ = Mailbox
+            raise Interrupt  # as TimeLimit landing before the dispatch begins
+        return method
+
+
+def test_delivery_taken_and_lost_to_an_interrupt_is_dispatched_by_the_next_wait(connect,
+                                                                               queue_name):
+    """An interrupt lands between taking a delivery from the mailbox and dispatching it.
+    Before the fix the delivery was gone: never handed to the consumer, never acked, its
+    prefetch slot held until the channel closed."""
+    conn = connect()
+    channel = conn.channel()
+    channel.queue_declare(queue_name, auto_delete=False)
+    publish(channel, b"m", queue_name)
+    received = []
+    channel.basic_qos(0, 1, False)
+    channel.basic_consume(queue_name, callback=received.append)
+    channel._mailbox.__class__ = _InterruptedTake
+    with pytest.raises(Interrupt):
+        while True:
+            conn.drain_events(timeout=5)
+    conn.drain_events(timeout=2)
+    assert [m.body for m in received] == [b"m"]
+    channel.basic_ack(received[0].delivery_tag)
+    channel.queue_delete(queue_name)

@@ -206,11 +206,15 @@ class Channel(pyamqp.Channel):
 
     # Upstream: logs a warning for every method that arrives while the channel closes (for
     # example deliveries already in flight). Those are expected; drop them quietly.
+    # The method leaves the mailbox's hand only here, as late as Python code can tell
+    # (Mailbox.take): an interrupt before this line has it dispatched by the next wait.
     def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> Any:
+        dispatch = super().dispatch_method
+        self._mailbox.dispatching(method_sig, payload, content)
         if self.is_closing and method_sig not in self._ALLOWED_METHODS_WHEN_CLOSING:
             logger.debug("channel %s closing: dropped %s", self.channel_id, method_sig)
             return None
-        return super().dispatch_method(method_sig, payload, content)
+        return dispatch(method_sig, payload, content)
 
     # Upstream: waits for "the next" basic.ack/basic.nack on the channel, whichever message it
     # confirms, so a late confirm of an earlier publish (one that was returned unroutable, or
