@@ -477,3 +477,30 @@ def test_delivery_taken_and_lost_to_an_interrupt_is_dispatched_by_the_next_wait(
     assert [m.body for m in received] == [b"m"]
     channel.basic_ack(received[0].delivery_tag)
     channel.queue_delete(queue_name)
+
+
+def test_single_flight_waiter_keeps_to_its_own_timeout():
+    """Pure logic (no server). The leader keeps trying (its policy: retry for ever); a waiter
+    with a timeout of its own stops waiting after it and makes its own attempt, whose outcome
+    is its own. Before the fix it waited as long as the leader tried."""
+    flight = SingleFlight()
+    leader_in, release_leader = threading.Event(), threading.Event()
+
+    def leader_fn():
+        leader_in.set()
+        assert release_leader.wait(20)
+        return "leader"
+
+    def waiter_fn():
+        raise ConnectionError("the waiter's own attempt failed")
+
+    leader = start_all([Worker(flight.run, leader_fn, lambda: None)])
+    assert leader_in.wait(10)
+    waiter = start_all([Worker(flight.run, waiter_fn, lambda: None, 0.3)])
+    try:
+        assert join_all(waiter, 3) == [], "the waiter waited past its own timeout"
+        assert isinstance(waiter[0].error, ConnectionError), repr(waiter[0].error)
+    finally:
+        release_leader.set()
+    assert join_all(leader, 10) == []
+    assert leader[0].result == "leader"
