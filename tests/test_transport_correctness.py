@@ -324,6 +324,30 @@ def test_channel_made_while_the_reader_tears_down_raises_a_connection_error(conn
         amqp_connection.channel()
 
 
+def test_publish_with_a_timeout_while_the_reader_tears_down_raises_a_connection_error(connect):
+    """The reader tears the connection down just after a publish with a timeout checked that
+    its channel was alive. Before the fix: AttributeError ('NoneType' object has no attribute
+    'having_timeout'), which no retry catches."""
+    conn = connect()
+    channel = conn.default_channel
+    amqp_connection = conn.connection
+    real_class = type(amqp_connection)
+
+    class TornDownOnNextLook(real_class):
+        """The connection, torn down by its reader at the next look at its transport."""
+
+        @property
+        def transport(self):
+            self.__class__ = real_class
+            self._transport.sock.shutdown(socket.SHUT_RDWR)
+            self._reader.thread.join(5)  # the reader saw EOF and tore down
+            return self._transport
+
+    amqp_connection.__class__ = TornDownOnNextLook
+    with pytest.raises(conn.recoverable_connection_errors):
+        channel.basic_publish(channel.prepare_message(b"m"), routing_key="nowhere", timeout=5)
+
+
 def test_channel_whose_init_fails_leaves_no_mailbox_behind(connect):
     """A channel whose __init__ raises (here: its id is taken) must not stay in the thread's
     inbox, which would keep it alive and scan it on every empty wait."""

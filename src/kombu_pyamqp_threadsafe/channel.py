@@ -141,8 +141,13 @@ class Channel(pyamqp.Channel):
         args = (0, exchange, routing_key, mandatory, immediate)
         if timeout is None:
             return self.send_method(spec.Basic.Publish, argsig, args, msg)
+        transport = connection.transport
+        if transport is None:  # torn down since the check above
+            failure = connection._failure
+            raise (failure.for_caller() if failure is not None
+                   else RecoverableConnectionError("basic_publish: connection closed"))
         try:
-            with connection.transport.having_timeout(timeout):
+            with transport.having_timeout(timeout):
                 return self.send_method(spec.Basic.Publish, argsig, args, msg)
         except TimeoutError as exc:
             # As upstream (py-amqp#452): a publish that times out is a connection error.
@@ -275,7 +280,8 @@ class Channel(pyamqp.Channel):
             connection = self.connection
             if connection is None:
                 self._raise_if_failed()
-                self._check_still_owned(self._mailbox.owner if inbox is None else inbox)
+                if inbox is not None:
+                    self._check_still_owned(inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())

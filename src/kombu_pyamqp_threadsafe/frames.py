@@ -98,8 +98,12 @@ class FrameWriter:
         self._transport = transport
         sock = transport.sock
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
-        # The reader's writes: never block (it is the one thread that checks heartbeats).
-        self._send_nowait = None if self._sendmsg is None else _nonblocking(sock)
+        # The reader's writes: never block (it is the one thread that checks heartbeats). Only
+        # where the writer sends its bytes on the socket as they are; a writer that transforms
+        # them first (TLS) leaves the reader to drain as a publisher does.
+        sendmsg = self._sendmsg
+        self._send_nowait = (_nonblocking(sock) if sendmsg is not None and sendmsg == sock.sendmsg
+                             else None)
         # Guards the socket's outbound byte stream: its holder writes every queued message,
         # each whole. Held across a blocking write, never across a read. An RLock because it
         # knows its owner, which lets a write release it exactly when it holds it.
