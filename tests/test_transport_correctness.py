@@ -528,3 +528,59 @@ def test_single_flight_waiter_keeps_to_its_own_timeout():
         release_leader.set()
     assert join_all(leader, 10) == []
     assert leader[0].result == "leader"
+
+
+class _SignallingLock:
+    """The write lock; sets ``waiting`` when a thread blocks to acquire it."""
+
+    def __init__(self, lock, waiting):
+        self._lock = lock
+        self._waiting = waiting
+
+    def acquire(self, blocking=True, timeout=-1):
+        if blocking and not self._lock.acquire(blocking=False):
+            self._waiting.set()
+            return self._lock.acquire(blocking, timeout)
+        return True if blocking else self._lock.acquire(blocking=False)
+
+    def release(self):
+        self._lock.release()
+
+    def _is_owned(self):
+        return self._lock._is_owned()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def test_back_pressure_wait_without_timeout_ends_with_the_failure(connect):
+    """A publisher waits for the write lock (1,024 messages queued, no publish timeout) while
+    the holder is stuck; the connection fails. The wait ends when the holder lets go, and the
+    publish raises the failure. Before the fix it returned as if its message were written."""
+    conn = connect()
+    channel = conn.default_channel
+    amqp_connection = conn.connection
+    writer = amqp_connection.frame_writer
+    waiting = threading.Event()
+    writer.lock = _SignallingLock(writer.lock, waiting)
+    inbox = amqp_connection._current_inbox()
+    message = channel.prepare_message(b"m")
+
+    def publisher():
+        for _ in range(frames.MAX_QUEUED + 1):
+            channel.basic_publish(message, routing_key="nowhere")
+
+    writer.lock.acquire()  # the holder, stuck in a send
+    try:
+        worker = start_all([Worker(publisher)])
+        assert waiting.wait(10), "the publisher never had to wait for the lock"
+        amqp_connection.transport.sock.shutdown(socket.SHUT_RDWR)  # the reader sees EOF
+        assert inbox.next_mailbox(timeout=10) is None  # the failure woke this thread
+    finally:
+        writer.lock.release()
+    assert join_all(worker, 10) == [], "the back-pressured publisher was never woken"
+    assert isinstance(worker[0].error, conn.recoverable_connection_errors), repr(worker[0].error)

@@ -211,13 +211,18 @@ class FrameWriter:
                        timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for the lock, then write ``data`` and what is queued
         (the queue is full, so a socket the server stops reading pushes back on publishers;
-        or the socket is TLS)."""
+        or the socket is TLS). Without a timeout the wait ends when the holder lets go: its
+        send ends when the peer reads, by TCP_USER_TIMEOUT, or when a failure shuts the socket
+        down, and then this publish raises the failure instead of returning as if written."""
         lock = self.lock
         try:
             # Acquired inside the try: an asynchronous exception (dramatiq's TimeLimit) raised
             # as acquire() returns must still release the lock, or every thread would hang.
             if not lock.acquire(timeout=-1 if timeout is None else timeout):
                 raise TimeoutError("timed out waiting to write to the shared connection")
+            failure = self._connection._failure
+            if failure is not None:
+                raise failure.for_caller()
             if self._enqueue(data, channel, method_sig):
                 self._flush()
         finally:
