@@ -154,8 +154,13 @@ class Channel(pyamqp.Channel):
         args = (0, exchange, routing_key, mandatory, immediate)
         if timeout is None:
             return self.send_method(spec.Basic.Publish, argsig, args, msg)
+        transport = connection.transport
+        if transport is None:  # torn down since the check above
+            failure = connection._failure
+            raise (failure.for_caller() if failure is not None
+                   else RecoverableConnectionError("basic_publish: connection closed"))
         try:
-            with connection.transport.having_timeout(timeout):
+            with transport.having_timeout(timeout):
                 return self.send_method(spec.Basic.Publish, argsig, args, msg)
         except TimeoutError as exc:
             # As upstream (py-amqp#452): a publish that times out is a connection error.
@@ -221,11 +226,15 @@ class Channel(pyamqp.Channel):
 
     # Upstream: logs a warning for every method that arrives while the channel closes (for
     # example deliveries already in flight). Those are expected; drop them quietly.
+    # The method leaves the mailbox's hand only here, as late as Python code can tell
+    # (Mailbox.take): an interrupt before this line has it dispatched by the next wait.
     def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> Any:
+        dispatch = super().dispatch_method
+        self._mailbox.dispatching(method_sig, payload, content)
         if self.is_closing and method_sig not in self._ALLOWED_METHODS_WHEN_CLOSING:
             logger.debug("channel %s closing: dropped %s", self.channel_id, method_sig)
             return None
-        return super().dispatch_method(method_sig, payload, content)
+        return dispatch(method_sig, payload, content)
 
     # Upstream: waits for "the next" basic.ack/basic.nack on the channel, whichever message it
     # confirms, so a late confirm of an earlier publish (one that was returned unroutable, or
@@ -292,7 +301,8 @@ class Channel(pyamqp.Channel):
             connection = self.connection
             if connection is None:
                 self._raise_if_failed()
-                self._check_still_owned(self._mailbox.owner if inbox is None else inbox)
+                if inbox is not None:
+                    self._check_still_owned(inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())

@@ -257,8 +257,11 @@ class Connection(pyamqp.Connection):
                 raise failure.for_caller()
             return None
         method = mailbox.take(inbox)
+        if method is None:
+            return None
         channel = mailbox.channel
-        if method is None or channel is None or channel.connection is None:
+        if channel is None or channel.connection is None:
+            mailbox.dispatching(*method)  # its channel is gone: nobody dispatches it
             return None
         channel.dispatch_method(*method)
         return None
