@@ -255,13 +255,22 @@ class TLSSocket:
     def sendmsg(self, buffers: Iterable[Any], ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> int:
         """Encrypt every buffer (taking each from ``buffers`` only as it is encrypted) and send
-        them, after any ciphertext made before; the plaintext byte count. Blocking; the caller
-        holds the connection's write lock."""
+        them, after any ciphertext made before; the plaintext byte count, always all of it.
+
+        Blocking, by the holder of the connection's write lock. With ``MSG_DONTWAIT`` it sends
+        what the socket takes now and leaves the rest, in order, to the next write.
+        """
         try:
             return self._encrypt(buffers)
         finally:
             # Also on an interrupt: what was encrypted goes out now, not with the next write.
-            self._send_unsent()
+            if flags & socket.MSG_DONTWAIT:
+                self._send_unsent_nowait()
+            else:
+                self._send_unsent()
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        return self.sendmsg((data,), (), flags)
 
     def sendall(self, data: Any) -> None:
         self.sendmsg((data,))
@@ -337,9 +346,9 @@ class TLSSocket:
                     self._send_batch(0)
 
     def _send_unsent_nowait(self) -> None:
-        """Reader: send what it can of ``_unsent`` without blocking. If a writer holds the send
-        lock, that writer sends it; what the socket does not take now goes with the next
-        write (at the latest the next heartbeat)."""
+        """Send what the socket takes now of ``_unsent`` (the reader's way). If a writer holds
+        the send lock, that writer sends it; what the socket does not take now goes with the
+        next write (at the latest the next heartbeat)."""
         lock = self._send_lock
         if not lock.acquire(blocking=False):
             return
