@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import socket
 import ssl
@@ -212,10 +213,13 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(threading.BrokenBarrierError):
         barrier.wait(max(1.0, deadline - time.monotonic()))
     started = time.perf_counter()
+    cpu_started = os.times()
     result["setup_s"] = started - setup_started
     for t in workers:
         t.join()
     elapsed = time.perf_counter() - started
+    cpu_ended = os.times()
+    cpu_s = (cpu_ended.user - cpu_started.user) + (cpu_ended.system - cpu_started.system)
 
     if shared is not None and idle_thread is not None:
         # The idle consumer was blocked in drain_events(timeout=None) the whole time: it must
@@ -242,6 +246,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         "published": published,
         "elapsed_s": elapsed,
         "rate": published / elapsed if elapsed > 0 and not errors else None,
+        "cpu_us": 1e6 * cpu_s / published if published else None,
         "connections_held": sampler.peak_sockets,
         "peak_rss": sampler.peak_rss,
         "peak_threads": sampler.peak_threads,
@@ -272,7 +277,8 @@ def tls_endpoint(target: tuple[str, int]) -> Any:
         proc = subprocess.Popen(
             ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,"
              f"cert={files['cert']},key={files['key']},verify=0",
-             f"TCP:{target[0]}:{target[1]}"], stdin=subprocess.DEVNULL)
+             f"TCP:{target[0]}:{target[1]}"], stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)  # else the readiness probe logs an SSL_accept error
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -289,6 +295,10 @@ def tls_endpoint(target: tuple[str, int]) -> Any:
 
 
 # ----------------------------------------------------------------------------------- the table
+
+
+def _fmt_us(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} us"
 
 
 def _label(variant: str, confirm: bool) -> str:
@@ -313,7 +323,7 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
                         "not run")
                     rows.append([_label(variant, confirm), threads,
                                  held or "—", "FAILED" if not skipped else "skipped", "—", "—",
-                                 "—", why])
+                                 "—", "—", why])
                     continue
                 rates = [r["rate"] for r in ok]
                 lo_hi = spread(rates)
@@ -330,11 +340,12 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
                     f"{fmt_rate(lo_hi[0])}–{fmt_rate(lo_hi[1])}" if lo_hi else "—",
                     fmt_ms(median_or_none([r["p50"] for r in ok])),
                     fmt_ms(median_or_none([r["p99"] for r in ok])),
+                    _fmt_us(median_or_none([r.get("cpu_us") for r in ok])),
                     note,
                 ])
     table = markdown_table(
         ["case", "threads", "connections held", "msgs/s (median)", "msgs/s min–max",
-         "p50 publish", "p99 publish", "notes"], rows)
+         "p50 publish", "p99 publish", "client CPU/msg", "notes"], rows)
     body = "persistent" if args.persistent else "transient"
     notes.append(
         f"{args.messages:,} messages per case without confirms, {args.messages_confirm:,} with "
@@ -346,7 +357,9 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
         "sampled every 0.5 s). Latency = duration of one `Producer.publish()` call (with "
         "confirms: until the broker's ack). The shared case keeps a consumer thread blocked in "
         "`drain_events(timeout=None)` on the same connection throughout; 'woke' = it received "
-        "the one message sent to it after the publishers finished (time to wake in brackets).")
+        "the one message sent to it after the publishers finished (time to wake in brackets). "
+        "Client CPU/msg = user + system CPU time of the benchmark process while publishing, "
+        "per message (less sensitive to other load on the machine than msgs/s).")
     if any(r.get("skipped") for runs in results.values() for r in runs):
         notes.append(
             "skipped: RabbitMQ 3.x stops accepting handshakes at its socket limit (832 with "
