@@ -3,8 +3,7 @@
 # One virtualenv per interpreter: `make suite PYTHON=python3.13 VENV=.venv313` (as .ci/run does).
 PYTHON ?= python3
 VENV ?= .venv
-AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
-export AMQP_URL
+# AMQP_URL (environment or command line) reaches the recipes; unset, each tool uses its default.
 
 PYTEST_ARGS ?=
 STRESS_ARGS ?=

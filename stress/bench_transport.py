@@ -33,15 +33,16 @@ import time
 import uuid
 from typing import Any
 
+from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     amqp_port,
-    base_url,
     dedicated_vhost,
     emit_result,
     fmt_ms,
     fmt_rate,
+    int_list,
     latency_summary,
     machine_line,
     markdown_table,
@@ -49,6 +50,7 @@ from stress.common import (
     run_case,
     short_error,
     socket_headroom,
+    split,
     spread,
     url_for_vhost,
     write_result,
@@ -72,11 +74,6 @@ def _publish_loop(producer: Any, count: int, queue: str, body: bytes, delivery_m
                 content_type="application/octet-stream", content_encoding="binary", retry=False)
         local.append(perf() - t0)
     latencies.extend(local)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _declare(url: str, *names: str) -> None:
@@ -122,7 +119,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     _declare(url, queue, idle_queue)
 
     sampler = ProcessSampler(amqp_port(url)).start()
-    counts = _split(case["messages"], threads)
+    counts = split(case["messages"], threads)
     latencies: list[float] = []
     errors: list[str] = []
     barrier = threading.Barrier(threads + 1)
@@ -314,14 +311,10 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
 # ---------------------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=_int_list, default=[1, 10, 100, 900],
+    parser.add_argument("--threads", type=int_list, default=[1, 10, 100, 900],
                         help="comma-separated thread counts (default 1,10,100,900)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per case (default 3)")
     parser.add_argument("--messages", type=int, default=40000,
@@ -368,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     started = time.monotonic()
     with dedicated_vhost("transport") as vhost:
-        url = url_for_vhost(base_url(), vhost)
+        url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
         print(f"vhost {vhost}; {total} case runs", file=sys.stderr)
         for rep in range(args.repeat):
             for confirm in args.confirm_modes:
