@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Lint every Python directory of the repository.
 LINT_PATHS := $(wildcard src tests stress examples)
 
-.PHONY: venv rabbitmq lint test suite stress bench clean
+.PHONY: venv rabbitmq lint typecheck test suite stress bench clean
 
 # A venv made by another interpreter than PYTHON is an error (pick another VENV), never reused.
 define check_venv_python
@@ -43,6 +43,12 @@ rabbitmq:
 
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+# mypy and pyright on src/, settings in pyproject.toml; typings/ holds the stubs of py-amqp.
+# pyright runs on Node.js (the pyright package fetches its npm build on first use).
+typecheck: venv
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pyright --pythonpath "$(VENV_PY)"
 
 test: venv rabbitmq lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
