@@ -1,4 +1,5 @@
 """Shared fixtures. Everything talks to the REAL RabbitMQ at ``AMQP_URL``: there are no mocks.
+(Pure-logic tests, which use none of the server fixtures, run without one.)
 
 Each test session works in a fresh vhost ``test-<uuid8>`` (created and deleted with rabbitmqctl),
 so tests never see queues or connections of other sessions except through ``--global`` helpers.
