@@ -4,6 +4,7 @@ from typing import Any, NoReturn
 
 from .abstract_channel import AbstractChannel
 from .channel import Channel as _Channel
+from .spec import method_t
 
 class Connection(AbstractChannel):
     Channel: type[_Channel]
@@ -48,6 +49,8 @@ class Connection(AbstractChannel):
     # What frame_writer_cls built (a subclass chooses the class); None before connect().
     _frame_writer: Any
     _used_channel_ids: Any
+    # How each incoming method's arguments are read, by method signature.
+    _METHODS: dict[tuple[int, int], method_t]
     def __init__(self, host: str = "localhost:5672", userid: str = "guest",
                  password: str = "guest", login_method: str | None = None,
                  login_response: Any = None, authentication: Any = (),
@@ -93,6 +96,8 @@ class Connection(AbstractChannel):
     def _on_close(self, reply_code: int, reply_text: str, class_id: int,
                   method_id: int) -> NoReturn: ...
     def _on_close_ok(self) -> None: ...
+    def _on_blocked(self) -> Any: ...
+    def _on_unblocked(self) -> Any: ...
     def send_heartbeat(self) -> None: ...
     def heartbeat_tick(self, rate: int = 2) -> None: ...
     @property

@@ -1,6 +1,6 @@
 import socket
 import ssl as _ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +24,9 @@ class _AbstractTransport:
     socket_settings: dict[int, int] | None
     raise_on_initial_eintr: bool
     _read_buffer: bytes
+    # Set by _setup_transport: the socket's sendall and recv (or the SSL object's read).
+    _write: Callable[[bytes], None]
+    _quick_recv: Callable[[int], bytes]
     def __init__(self, host: str, connect_timeout: float | None = None,
                  read_timeout: float | None = None, write_timeout: float | None = None,
                  socket_settings: dict[int, int] | None = None,
@@ -34,13 +37,14 @@ class _AbstractTransport:
     def _setup_transport(self) -> None: ...
     def _shutdown_transport(self) -> None: ...
     def _read(self, n: int, initial: bool = False) -> bytes: ...
-    def _write(self, s: bytes) -> None: ...
     def close(self) -> None: ...
     def read_frame(self, unpack: Any = ...) -> tuple[int, int, bytes]: ...
     def write(self, s: bytes) -> None: ...
 
 class SSLTransport(_AbstractTransport):
-    sslopts: dict[str, Any] | _ssl.SSLContext | None
+    sslopts: dict[str, Any]
+    def _wrap_socket(self, sock: socket.socket, context: dict[str, Any] | None = None,
+                     **sslopts: Any) -> _ssl.SSLSocket: ...
     def __init__(self, host: str, connect_timeout: float | None = None,
                  ssl: dict[str, Any] | _ssl.SSLContext | bool | None = None,
                  **kwargs: Any) -> None: ...
