@@ -46,15 +46,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     amqp_port,
-    base_url,
     dedicated_vhost,
     emit_result,
     fmt_ms,
     fmt_rate,
+    int_list,
     latency_summary,
     machine_line,
     markdown_table,
@@ -62,6 +63,7 @@ from stress.common import (
     run_case,
     short_error,
     socket_headroom,
+    split,
     spread,
     url_for_vhost,
     write_result,
@@ -86,11 +88,6 @@ def _publish_loop(producer: Any, count: int, queue: str, body: bytes, delivery_m
                 content_type="application/octet-stream", content_encoding="binary", retry=False)
         local.append(perf() - t0)
     latencies.extend(local)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _declare(url: str, *names: str) -> None:
@@ -138,7 +135,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     _declare(admin_url, queue, idle_queue)
 
     sampler = ProcessSampler(amqp_port(url)).start()
-    counts = _split(case["messages"], threads)
+    counts = split(case["messages"], threads)
     latencies: list[float] = []
     errors: list[str] = []
     barrier = threading.Barrier(threads + 1)
@@ -382,14 +379,10 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
 # ---------------------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=_int_list, default=[1, 10, 100, 900],
+    parser.add_argument("--threads", type=int_list, default=[1, 10, 100, 900],
                         help="comma-separated thread counts (default 1,10,100,900)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per case (default 3)")
     parser.add_argument("--messages", type=int, default=40000,
@@ -442,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         vhost = stack.enter_context(dedicated_vhost("transport"))
-        admin_url = url = url_for_vhost(base_url(), vhost)
+        admin_url = url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
         tls = None
         if args.tls:
-            parts = urlsplit(base_url())
+            parts = urlsplit(rabbit_admin.amqp_url())
             port, ca = stack.enter_context(tls_endpoint(
                 (parts.hostname or "127.0.0.1", parts.port or 5672)))
             url = url_for_vhost(f"amqps://{parts.username}:{parts.password}@localhost:{port}/",

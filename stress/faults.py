@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -44,8 +43,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from stress import fault_scenarios as fh
+from stress import rabbit_admin
 
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
 
 
@@ -57,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m stress.faults", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL,
+    parser.add_argument("--url", default=rabbit_admin.amqp_url(),
                         help="the RabbitMQ (default: AMQP_URL or %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
                         f"{','.join(ORDER)}; none when --loops or --idle is given)")
