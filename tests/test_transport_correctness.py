@@ -139,21 +139,24 @@ def test_waiter_gets_an_error_when_another_thread_closes_its_channel(connect):
 def _fill_send_buffer(amqp_connection):
     """Under the write lock (so no message is split), fill the socket's send buffer with
     heartbeat frames until the kernel takes no more and the buffer stays full; return with
-    the lock free and the buffer full."""
+    the lock free and the buffer full. Then single frames until the last segment is full too:
+    Linux appends a small write to the last queued segment even when the buffer is full, so
+    only then does the next send of any size block."""
     sock = amqp_connection.transport.sock
     writer = amqp_connection.frame_writer
-    chunk = frames.encode_method(8, 0, None, None, None, 0) * 8192
+    frame = frames.encode_method(8, 0, None, None, None, 0)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
     with writer.lock:
-        while True:
-            try:
-                while True:
-                    sock.send(chunk, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-            if not poller.poll(300):  # stayed full: the peer takes no more
-                return
+        for chunk in (frame * 8192, frame):
+            while True:
+                try:
+                    while True:
+                        sock.send(chunk, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+                if not poller.poll(300):  # stayed full: the peer takes no more
+                    break
 
 
 def test_silent_peer_with_a_full_send_buffer_is_detected_in_two_heartbeats(vhost,

@@ -282,6 +282,7 @@ class Channel(pyamqp.Channel):
         return result
 
     def _close_out_of_step(self) -> None:
+        self._raise_if_failed()  # a connection that stopped says so first
         channel_id = self.channel_id
         with suppress(AMQPError, OSError):
             self.close()

@@ -266,6 +266,14 @@ class Connection(pyamqp.Connection):
         channel.dispatch_method(*method)
         return None
 
+    # Upstream: refuses once teardown set channels to None. Here channels stays a dict (see
+    # _teardown), so a connection that stopped says why before making a channel.
+    def channel(self, channel_id: int | None = None, callback: Any = None) -> Any:
+        failure = self._failure
+        if failure is not None:
+            raise failure.for_caller()
+        return super().channel(channel_id, callback)
+
     # Upstream: ticks heartbeats when the application calls it. Here the reader thread ticks
     # them on every connection, so this is a no-op kept for kombu's heartbeat_check().
     def heartbeat_tick(self, rate: int = 2) -> None:
@@ -388,9 +396,11 @@ class Connection(pyamqp.Connection):
                 if channel is not self:
                     channel._failure = self._failure
                     channel.collect()
-        # Upstream sets channels to None too; other threads may be inside py-amqp code that
-        # indexes it (a Channel being made), and would get TypeError, not a connection error.
-        # Here it stays a dict: what they do next reaches the writer, which raises the failure.
+            # Upstream sets channels to None; other threads may be inside py-amqp code that
+            # indexes it (a Channel being made), and would get TypeError, not a connection
+            # error. Here it stays a dict, emptied (it holds this connection as channel 0):
+            # what they do next reaches the writer, which raises the failure.
+            channels.clear()
         self._transport = self.connection = None
 
     # Upstream: closes the socket and forgets the channels. Here the same, after stopping the
