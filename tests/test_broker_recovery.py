@@ -326,3 +326,29 @@ def test_worker_stops_promptly_while_its_consumers_cannot_reconnect(env, vhost, 
         assert time.monotonic() - started < 2.0
     finally:
         proxy.close()
+
+
+def test_consumer_that_cannot_reconnect_within_its_bound_raises_connection_closed(env):
+    """__next__ returns within about its timeout while it retries, then gives up to dramatiq."""
+    proxy = Proxy()
+    try:
+        broker = env.broker(url=_url_at(env.amqp_url, proxy.port), connect_timeout=2)
+        queue = unique()
+        broker.declare_queue(queue)
+        consumer = broker.consume(queue, prefetch=1, timeout=200)
+        consumer._policy = RecoveryPolicy(attempts=3, first_delay=0.3, max_delay=0.3)
+        proxy.close()
+        durations = []
+        with pytest.raises(dramatiq.errors.ConnectionClosed, match="refused"):
+            for _ in range(100):
+                started = time.monotonic()
+                try:
+                    assert next(consumer) is None
+                finally:
+                    durations.append(time.monotonic() - started)
+        assert consumer._policy.failures == 3 and not consumer._policy.recovering
+        assert max(durations) < 1.0, durations
+        assert len(durations) >= 4  # the pauses were waited out over several calls
+        consumer.close()
+    finally:
+        proxy.close()
