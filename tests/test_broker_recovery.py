@@ -100,6 +100,13 @@ def _refused_port() -> int:
         return sock.getsockname()[1]
 
 
+def _close_connection(name: str, vhost: str) -> None:
+    """Force-close the one connection called ``name`` (the server may list a new connection
+    only a moment after it opened, so this asks again)."""
+    assert wait_until(lambda: close_connections_named(name, vhost, "test: lost") == 1,
+                      timeout=10), f"no connection {name} to close"
+
+
 def _url_at(amqp_url: str, port: int) -> str:
     return amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{port}")
 
@@ -131,7 +138,7 @@ def test_failover_goes_node_after_node_on_every_connect_and_reconnect(
 
         # A lost connection is opened again on the next node, not on the one it was lost on.
         name = f"{env.connection_name}-producer"
-        assert close_connections_named(name, vhost, "test: node lost") == 1
+        _close_connection(name, vhost)
         wait_until(lambda: not producer.connected, timeout=10)
         broker.declare_queue(queue, ensure=True)
         assert producer.port == proxy.port and proxy.accepted == 1
@@ -176,7 +183,7 @@ def test_consumer_recovers_in_place_after_its_connection_is_closed(env, vhost, c
     assert len(before) == 2
 
     name = f"{env.connection_name}-consumer"
-    assert close_connections_named(name, vhost, "test: consumer connection lost") == 1
+    _close_connection(name, vhost)
     closed = time.monotonic()
     for i in range(100, 200):
         work.send(i)
@@ -209,7 +216,7 @@ def test_acks_of_the_lost_channel_are_dropped_never_sent_on_the_new_one(env, vho
     assert seen.wait(1, timeout=15)
     consumer = _consumers(worker)[queue]
     old_channel = consumer.channel
-    assert close_connections_named(f"{env.connection_name}-consumer", vhost, "test: lost") == 1
+    _close_connection(f"{env.connection_name}-consumer", vhost)
     assert wait_until(lambda: consumer.recoveries == 1, timeout=15)
     assert consumer.channel is not old_channel
     release.set()  # its ack is for the lost channel: dropped, the server redelivers the message
@@ -244,7 +251,7 @@ def test_one_new_connection_for_all_consumers_after_a_loss(env, vhost):
         return establish()
 
     connection._establish_connection = counting
-    assert close_connections_named(f"{env.connection_name}-consumer", vhost, "test: lost") == 1
+    _close_connection(f"{env.connection_name}-consumer", vhost)
     assert wait_until(lambda: all(c.recoveries == 1 for c in consumers.values()), timeout=15), (
         {q: c.recoveries for q, c in consumers.items()})
     assert len(opened) == 1, opened.snapshot()
