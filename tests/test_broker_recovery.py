@@ -18,7 +18,14 @@ import dramatiq
 import pytest
 
 import rabbit_admin
-from broker_helpers import Recorder, close_connections_named, raw_channel, unique, wait_until
+from broker_helpers import (
+    Recorder,
+    close_connections_named,
+    raw_channel,
+    run_bounded,
+    unique,
+    wait_until,
+)
 from dramatiq_kombu_broker import reconnect
 from dramatiq_kombu_broker.consumer import KombuConsumer
 from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order
@@ -359,3 +366,30 @@ def test_consumer_that_cannot_reconnect_within_its_bound_raises_connection_close
         consumer.close()
     finally:
         proxy.close()
+
+
+def test_delayed_messages_of_the_lost_channel_are_not_enqueued_twice(env, vhost):
+    """The consumer thread's delayed messages came from the lost channel, which the server
+    redelivers: kept, each would be enqueued when due AND again when its copy is due."""
+    broker = env.broker()
+    queue = unique()
+    seen = Recorder()
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def work(tag):
+        seen.add(tag)
+
+    worker = env.worker(broker, threads=2)
+    assert wait_until(lambda: all(_consumers(worker).values()) and len(worker.consumers) == 2,
+                      timeout=15)
+    delay_thread = worker.consumers[f"{queue}.DQ"]
+    consumer = delay_thread.consumer
+    work.send_with_options(args=("late",), delay=2000)
+    assert wait_until(lambda: delay_thread.delay_queue.qsize() == 1, timeout=10)
+    # The socket fails under the connection (as a network reset does): no rabbitmqctl delay.
+    broker.consumer_connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+    assert wait_until(lambda: consumer.recoveries == 1, timeout=10)
+    assert wait_until(lambda: delay_thread.delay_queue.qsize() == 1, timeout=10)  # its copy
+    assert seen.wait(1, timeout=15)
+    run_bounded(worker.join, 15, "worker.join()")
+    assert seen.snapshot() == ["late"]
