@@ -114,6 +114,12 @@ def _close_connection(name: str, vhost: str) -> None:
                       timeout=10), f"no connection {name} to close"
 
 
+def _cut(connection) -> None:
+    """The socket fails under ``connection`` (as a network reset does), at once: a
+    rabbitmqctl close takes seconds to start on a loaded machine."""
+    connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+
+
 def _url_at(amqp_url: str, port: int) -> str:
     return amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{port}")
 
@@ -223,7 +229,7 @@ def test_acks_of_the_lost_channel_are_dropped_never_sent_on_the_new_one(env, vho
     assert seen.wait(1, timeout=15)
     consumer = _consumers(worker)[queue]
     old_channel = consumer.channel
-    _close_connection(f"{env.connection_name}-consumer", vhost)
+    _cut(broker.consumer_connection)
     assert wait_until(lambda: consumer.recoveries == 1, timeout=15)
     assert consumer.channel is not old_channel
     release.set()  # its ack is for the lost channel: dropped, the server redelivers the message
@@ -258,7 +264,7 @@ def test_one_new_connection_for_all_consumers_after_a_loss(env, vhost):
         return establish()
 
     connection._establish_connection = counting
-    _close_connection(f"{env.connection_name}-consumer", vhost)
+    _cut(broker.consumer_connection)
     assert wait_until(lambda: all(c.recoveries == 1 for c in consumers.values()), timeout=15), (
         {q: c.recoveries for q, c in consumers.items()})
     assert len(opened) == 1, opened.snapshot()
@@ -386,8 +392,7 @@ def test_delayed_messages_of_the_lost_channel_are_not_enqueued_twice(env, vhost)
     consumer = delay_thread.consumer
     work.send_with_options(args=("late",), delay=2000)
     assert wait_until(lambda: delay_thread.delay_queue.qsize() == 1, timeout=10)
-    # The socket fails under the connection (as a network reset does): no rabbitmqctl delay.
-    broker.consumer_connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+    _cut(broker.consumer_connection)
     assert wait_until(lambda: consumer.recoveries == 1, timeout=10)
     assert wait_until(lambda: delay_thread.delay_queue.qsize() == 1, timeout=10)  # its copy
     assert seen.wait(1, timeout=15)
