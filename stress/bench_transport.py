@@ -20,28 +20,42 @@ RabbitMQ 3.x stops accepting handshakes once its socket limit is reached (832 wi
 that needs more connections than the server has to spare is skipped and shown as such
 (``--force-over-socket-limit`` runs it anyway).
 
+With ``--tls`` every connection is ``amqps://`` through a local TLS endpoint (``socat``, one
+process per connection, in front of the server; a throw-away CA made by the openssl CLI), the
+certificate and host name verified by both variants.
+
     python -m stress.bench_transport [--repeat 3] [--threads 1,10,100,900] [--messages N]
+    python -m stress.bench_transport --tls [...]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shutil
+import socket
+import ssl
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     amqp_port,
-    base_url,
     dedicated_vhost,
     emit_result,
     fmt_ms,
     fmt_rate,
+    int_list,
     latency_summary,
     machine_line,
     markdown_table,
@@ -49,6 +63,7 @@ from stress.common import (
     run_case,
     short_error,
     socket_headroom,
+    split,
     spread,
     url_for_vhost,
     write_result,
@@ -56,6 +71,7 @@ from stress.common import (
 
 MODULE = "stress.bench_transport"
 OUTPUT = RESULTS_DIR / "bench_transport.md"
+OUTPUT_TLS = RESULTS_DIR / "bench_transport_tls.md"
 
 
 # ------------------------------------------------------------------------------- one case (child)
@@ -72,11 +88,6 @@ def _publish_loop(producer: Any, count: int, queue: str, body: bytes, delivery_m
                 content_type="application/octet-stream", content_encoding="binary", retry=False)
         local.append(perf() - t0)
     latencies.extend(local)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _declare(url: str, *names: str) -> None:
@@ -109,6 +120,8 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     from kombu_pyamqp_threadsafe import KombuConnection
 
     url: str = case["url"]
+    admin_url: str = case.get("admin_url", url)
+    tls: dict[str, Any] | None = case.get("ssl")
     variant: str = case["variant"]
     threads: int = case["threads"]
     confirm: bool = case["confirm"]
@@ -119,10 +132,10 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     idle_queue = f"{queue}-idle"
     name = f"bench-transport-{variant}"
     options = {"confirm_publish": confirm, "client_properties": {"connection_name": name}}
-    _declare(url, queue, idle_queue)
+    _declare(admin_url, queue, idle_queue)
 
     sampler = ProcessSampler(amqp_port(url)).start()
-    counts = _split(case["messages"], threads)
+    counts = split(case["messages"], threads)
     latencies: list[float] = []
     errors: list[str] = []
     barrier = threading.Barrier(threads + 1)
@@ -138,7 +151,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         barrier.abort()
 
     if variant == "shared":
-        shared = KombuConnection(url, transport_options=options)
+        shared = KombuConnection(url, transport_options=options, ssl=tls)
         shared.ensure_connection(max_retries=3)
         pool = shared.default_channel_pool
 
@@ -170,7 +183,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
                 fail(exc)
     else:
         def worker(count: int) -> None:
-            conn = kombu.Connection(url, transport_options=options,
+            conn = kombu.Connection(url, transport_options=options, ssl=tls,
                                     connect_timeout=setup_timeout)
             try:
                 conn.ensure_connection(max_retries=3)
@@ -197,10 +210,13 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(threading.BrokenBarrierError):
         barrier.wait(max(1.0, deadline - time.monotonic()))
     started = time.perf_counter()
+    cpu_started = os.times()
     result["setup_s"] = started - setup_started
     for t in workers:
         t.join()
     elapsed = time.perf_counter() - started
+    cpu_ended = os.times()
+    cpu_s = (cpu_ended.user - cpu_started.user) + (cpu_ended.system - cpu_started.system)
 
     if shared is not None and idle_thread is not None:
         # The idle consumer was blocked in drain_events(timeout=None) the whole time: it must
@@ -219,7 +235,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     sampler.stop()
     if shared is not None:
         shared.release()
-    _delete(url, queue, idle_queue)
+    _delete(admin_url, queue, idle_queue)
 
     published = len(latencies)
     result.update(latency_summary(latencies))
@@ -227,6 +243,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         "published": published,
         "elapsed_s": elapsed,
         "rate": published / elapsed if elapsed > 0 and not errors else None,
+        "cpu_us": 1e6 * cpu_s / published if published else None,
         "connections_held": sampler.peak_sockets,
         "peak_rss": sampler.peak_rss,
         "peak_threads": sampler.peak_threads,
@@ -238,7 +255,47 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------------------------------------ TLS endpoint
+
+
+@contextlib.contextmanager
+def tls_endpoint(target: tuple[str, int]) -> Any:
+    """A ``socat`` TLS endpoint on 127.0.0.1 in front of ``target`` (a process per connection)
+    with a throw-away CA; yields ``(port, ca_path)``."""
+    from tests.transport_helpers import make_tls_files
+
+    if shutil.which("socat") is None:
+        raise SystemExit("--tls needs socat (apt-get install socat) and the openssl CLI")
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as directory:
+        files = make_tls_files(Path(directory))
+        with socket.socket() as probe:  # a free ephemeral port
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,"
+             f"cert={files['cert']},key={files['key']},verify=0",
+             f"TCP:{target[0]}:{target[1]}"], stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)  # else the readiness probe logs an SSL_accept error
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", port), timeout=1):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"socat did not start (exit status {proc.poll()})")
+                time.sleep(0.05)
+            yield port, files["ca"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 # ----------------------------------------------------------------------------------- the table
+
+
+def _fmt_us(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} us"
 
 
 def _label(variant: str, confirm: bool) -> str:
@@ -263,7 +320,7 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
                         "not run")
                     rows.append([_label(variant, confirm), threads,
                                  held or "—", "FAILED" if not skipped else "skipped", "—", "—",
-                                 "—", why])
+                                 "—", "—", why])
                     continue
                 rates = [r["rate"] for r in ok]
                 lo_hi = spread(rates)
@@ -280,11 +337,12 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
                     f"{fmt_rate(lo_hi[0])}–{fmt_rate(lo_hi[1])}" if lo_hi else "—",
                     fmt_ms(median_or_none([r["p50"] for r in ok])),
                     fmt_ms(median_or_none([r["p99"] for r in ok])),
+                    _fmt_us(median_or_none([r.get("cpu_us") for r in ok])),
                     note,
                 ])
     table = markdown_table(
         ["case", "threads", "connections held", "msgs/s (median)", "msgs/s min–max",
-         "p50 publish", "p99 publish", "notes"], rows)
+         "p50 publish", "p99 publish", "client CPU/msg", "notes"], rows)
     body = "persistent" if args.persistent else "transient"
     notes.append(
         f"{args.messages:,} messages per case without confirms, {args.messages_confirm:,} with "
@@ -296,16 +354,23 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
         "sampled every 0.5 s). Latency = duration of one `Producer.publish()` call (with "
         "confirms: until the broker's ack). The shared case keeps a consumer thread blocked in "
         "`drain_events(timeout=None)` on the same connection throughout; 'woke' = it received "
-        "the one message sent to it after the publishers finished (time to wake in brackets).")
+        "the one message sent to it after the publishers finished (time to wake in brackets). "
+        "Client CPU/msg = user + system CPU time of the benchmark process while publishing, "
+        "per message (less sensitive to other load on the machine than msgs/s).")
     if any(r.get("skipped") for runs in results.values() for r in runs):
         notes.append(
             "skipped: RabbitMQ 3.x stops accepting handshakes at its socket limit (832 with "
             "the usual `ulimit -n` 1024), stalling every client of the server; raise the limit "
             "(e.g. `ulimit -n 65536` before `rabbitmq-server` starts) and pass "
             "`--force-over-socket-limit` to run those cases.")
+    if args.tls:
+        notes.append(
+            "Over TLS: `amqps://` through a local `socat` TLS endpoint (one process per "
+            "connection) in front of the server, certificate and host name verified in both "
+            "variants.")
     notes.append(f"Machine: {machine_line()}.")
     return (
-        "# Transport publish benchmark\n\n"
+        f"# Transport publish benchmark{' over TLS' if args.tls else ''}\n\n"
         f"`python -m {MODULE} {' '.join(args.argv)}`\n\n"
         + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     )
@@ -314,14 +379,10 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
 # ---------------------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=_int_list, default=[1, 10, 100, 900],
+    parser.add_argument("--threads", type=int_list, default=[1, 10, 100, 900],
                         help="comma-separated thread counts (default 1,10,100,900)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per case (default 3)")
     parser.add_argument("--messages", type=int, default=40000,
@@ -339,7 +400,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds to open connections/channels in a case (default 60)")
     parser.add_argument("--force-over-socket-limit", action="store_true",
                         help="run plain cases even when they exceed the server's spare sockets")
-    parser.add_argument("--output", default=str(OUTPUT), help="markdown output file")
+    parser.add_argument("--tls", action="store_true",
+                        help="amqps:// through a local socat TLS endpoint")
+    parser.add_argument("--output", help="markdown output file (default "
+                        f"{OUTPUT.name}, with --tls {OUTPUT_TLS.name}, in {RESULTS_DIR})")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -347,6 +411,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if set(args.variants) - {"shared", "plain"}:
         parser.error("--variants takes shared and/or plain")
     args.confirm_modes = {"both": [False, True], "on": [True], "off": [False]}[args.confirm]
+    if args.output is None:
+        args.output = str(OUTPUT_TLS if args.tls else OUTPUT)
     return args
 
 
@@ -367,8 +433,17 @@ def main(argv: list[str] | None = None) -> int:
     total = args.repeat * len(args.confirm_modes) * len(args.threads) * len(args.variants)
     done = 0
     started = time.monotonic()
-    with dedicated_vhost("transport") as vhost:
-        url = url_for_vhost(base_url(), vhost)
+    with contextlib.ExitStack() as stack:
+        vhost = stack.enter_context(dedicated_vhost("transport"))
+        admin_url = url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
+        tls = None
+        if args.tls:
+            parts = urlsplit(rabbit_admin.amqp_url())
+            port, ca = stack.enter_context(tls_endpoint(
+                (parts.hostname or "127.0.0.1", parts.port or 5672)))
+            url = url_for_vhost(f"amqps://{parts.username}:{parts.password}@localhost:{port}/",
+                                vhost)
+            tls = {"ca_certs": ca, "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "localhost"}
         print(f"vhost {vhost}; {total} case runs", file=sys.stderr)
         for rep in range(args.repeat):
             for confirm in args.confirm_modes:
@@ -378,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                     for variant in order:
                         done += 1
                         case = {
-                            "url": url, "variant": variant, "threads": threads,
+                            "url": url, "admin_url": admin_url, "ssl": tls,
+                            "variant": variant, "threads": threads,
                             "confirm": confirm,
                             "messages": args.messages_confirm if confirm else args.messages,
                             "body_size": args.body_size, "persistent": args.persistent,
@@ -403,8 +479,6 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr, flush=True)
     text = render(args, results)
     print(text)
-    from pathlib import Path
-
     write_result(Path(args.output), text)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -45,15 +44,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The scenarios are shared with the pytest suite, whose helpers import each other by their
-# plain module names (tests/ is on pytest's path).
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+from stress import fault_scenarios as fh
+from stress import rabbit_admin
 
-import fault_helpers as fh  # noqa: E402
-import rabbit_admin  # noqa: E402
-
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
 
 
@@ -65,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m stress.faults", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL,
+    parser.add_argument("--url", default=rabbit_admin.amqp_url(),
                         help="the RabbitMQ (default: AMQP_URL or %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
                         f"{','.join(ORDER)}; none when --loops or --idle is given)")

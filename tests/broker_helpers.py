@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -23,8 +22,12 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware.time_limit import TimeLimit
 
-import rabbit_admin
 from dramatiq_kombu_broker import KombuBroker
+from stress import rabbit_admin
+
+# Re-exported for the tests: the fault scenarios of stress/ use it too.
+from stress.bounded import run_bounded as run_bounded
+from stress.polling import poll
 
 #: Arguments RabbitmqBroker's queues have (dramatiq 2.2, dramatiq_dead_message_ttl unset).
 DEAD_MESSAGE_TTL = 86400000 * 7
@@ -37,36 +40,7 @@ def unique(prefix: str = "q") -> str:
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` s pass
     (then the last falsy value is returned)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def run_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Run ``fn`` in a daemon thread; raise AssertionError if it does not finish in time.
-
-    A hang in the code under test then fails the test with a message instead of blocking the
-    whole session until pytest-timeout kills it.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True, name=f"bounded-{what}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise AssertionError(f"{what} did not finish within {timeout} s (hung)")
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
+    return poll(predicate, bool, timeout, interval)
 
 
 class Recorder:
@@ -237,16 +211,3 @@ def connections_named(prefix: str, vhost: str | None = None) -> list[str]:
     """Client connection_names on the server that start with ``prefix``."""
     names = [rabbit_admin.connection_name_of(c) or "" for c in rabbit_admin.list_connections(vhost)]
     return sorted(name for name in names if name.startswith(prefix))
-
-
-def wait_for_connection_names(prefix: str, expected: list[str], timeout: float = 15,
-                              vhost: str | None = None) -> list[str]:
-    """Poll until the connections whose name starts with ``prefix`` are exactly ``expected``
-    (sorted); returns the last list seen."""
-    expected = sorted(expected)
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = connections_named(prefix, vhost)
-        if seen == expected or time.monotonic() >= deadline:
-            return seen
-        time.sleep(0.3)

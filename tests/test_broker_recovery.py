@@ -17,7 +17,6 @@ import amqp
 import dramatiq
 import pytest
 
-import rabbit_admin
 from broker_helpers import (
     Recorder,
     close_connections_named,
@@ -30,6 +29,7 @@ from dramatiq_kombu_broker import reconnect
 from dramatiq_kombu_broker.consumer import KombuConsumer
 from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order
 from kombu_pyamqp_threadsafe.connection import Connection as ThreadSafeConnection
+from stress import rabbit_admin
 from transport_helpers import Proxy
 
 DRAMATIQ_RESTART = "Consumer encountered a connection error"

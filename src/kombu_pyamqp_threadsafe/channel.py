@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import suppress
 from time import monotonic
 from typing import Any
 
 from amqp import spec
-from amqp.exceptions import MessageNacked, RecoverableConnectionError
+from amqp.exceptions import AMQPError, MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
-from .errors import ChannelOwnershipError, Failure
+from .errors import ChannelOwnershipError, ChannelTakenOverError, ConfirmsOutOfStepError, Failure
 from .inbox import RETIRED, Mailbox
 
 logger = logging.getLogger(__name__)
+
+#: How long close() waits without a reply for the server's Close-Ok before it forgets the
+#: channel (upstream waits forever).
+CLOSE_OK_TIMEOUT = 5.0
 
 
 #: Methods without a reply: any thread may send them on any channel.
@@ -37,8 +42,18 @@ class Channel(pyamqp.Channel):
         self._mailbox = Mailbox(self, connection._current_inbox())
         self._failure: Failure | None = None
         self._publish_seq = 0
+        # True from the start of a publish with confirms until its delivery tag is counted: an
+        # interrupt in between leaves it True (see basic_publish_confirm).
+        self._publishing = False
         self._unconfirmed: dict[int, bool | None] = {}
-        super().__init__(connection, channel_id, **kwargs)
+        #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
+        self.confirmed = self.nacked = 0
+        try:
+            super().__init__(connection, channel_id, **kwargs)
+        except BaseException:
+            # Otherwise the thread's inbox would keep the mailbox, and with it the channel.
+            self._mailbox.retire()
+            raise
         # Upstream gives every channel a queue.Queue, ``returned_messages``, that neither
         # py-amqp nor kombu ever fills (returned messages go to the basic_return event). It
         # weighs about 4 KB with its three Conditions, half of a channel: with a channel per
@@ -80,9 +95,25 @@ class Channel(pyamqp.Channel):
                 "(open a channel in this thread, or take one from the channel pool)"
             )
 
+    def _check_still_owned(self, inbox: Any) -> None:
+        """Between the rounds of a wait: a channel that another thread closed or adopted
+        meanwhile will never bring this thread its reply; say so instead of sleeping on."""
+        owner = self._mailbox.owner
+        if owner is inbox:
+            return
+        self._raise_if_failed()
+        closer = owner.thread
+        what = (f"channel {self.channel_id} was taken over by thread {closer.name!r}"
+                if closer is not None else "the channel was closed by another thread")
+        raise ChannelTakenOverError(
+            f"{what} while thread {threading.current_thread().name!r} waited on it")
+
     # Upstream: forgets callbacks and the channel id. Here also the undispatched methods.
     def collect(self) -> None:
         self._mailbox.retire()
+        connection = self.connection
+        if connection is not None:
+            connection.channel_totals.collect(self)
         super().collect()
 
     def _raise_if_failed(self) -> None:
@@ -92,18 +123,25 @@ class Channel(pyamqp.Channel):
             raise failure.for_caller()
 
     # Upstream: any thread may send any method. Here a method that expects a reply is refused,
-    # before anything is written, unless the calling thread owns the channel.
+    # before anything is written, unless the calling thread owns the channel; while the server
+    # blocks the connection it is written only once unblocked (up to blocked_timeout).
     def send_method(self, sig: Any, *args: Any, **kwargs: Any) -> Any:
         self._raise_if_failed()
         if sig not in ANY_THREAD_METHODS:
             self._check_owner()
+            if kwargs.get("wait") is not None and self.connection is not None:
+                # Its reply would not come while the server blocks the connection (flow.py). A
+                # close does not wait (closing a pool would take blocked_timeout per channel):
+                # while blocked it raises at once and the channel goes with its connection.
+                self.connection.flow.wait_before_write(0.0 if sig == spec.Channel.Close else None)
         return super().send_method(sig, *args, **kwargs)
 
     # Upstream: before every publish drains the connection once (timeout=0) to notice a
     # connection.blocked notification, and sets the socket's timeout around the write. Here the
     # reader thread handles connection.blocked as it arrives, and a timeout bounds the wait
     # for the write lock when a publish has to wait for it (FrameWriter), so a publish is one
-    # write. A collected channel raises why its connection stopped.
+    # write; a blocked connection is waited out before writing, up to blocked_timeout (flow.py).
+    # A collected channel raises why its connection stopped.
     def _basic_publish(self, msg: Any, exchange: str = "", routing_key: str = "",
                        mandatory: bool = False, immediate: bool = False,
                        timeout: float | None = None, confirm_timeout: float | None = None,
@@ -112,11 +150,17 @@ class Channel(pyamqp.Channel):
         connection = self.connection
         if connection is None:
             raise RecoverableConnectionError("basic_publish: connection closed")
+        connection.flow.wait_before_write(timeout)
         args = (0, exchange, routing_key, mandatory, immediate)
         if timeout is None:
             return self.send_method(spec.Basic.Publish, argsig, args, msg)
+        transport = connection.transport
+        if transport is None:  # torn down since the check above
+            failure = connection._failure
+            raise (failure.for_caller() if failure is not None
+                   else RecoverableConnectionError("basic_publish: connection closed"))
         try:
-            with connection.transport.having_timeout(timeout):
+            with transport.having_timeout(timeout):
                 return self.send_method(spec.Basic.Publish, argsig, args, msg)
         except TimeoutError as exc:
             # As upstream (py-amqp#452): a publish that times out is a connection error.
@@ -126,15 +170,42 @@ class Channel(pyamqp.Channel):
 
     # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
     # because replies are delivered to the owner's inbox.
+    # While it waits, drain_events checks that the channel is still the caller's (another
+    # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever,
+    # and while the server blocks the connection it waits at most blocked_timeout from the
+    # start of the block.
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
-        return super().wait(method, callback=callback, timeout=timeout,
-                            returns_tuple=returns_tuple)
+        connection = self.connection
+        if connection is None:  # upstream raises "connection already closed"
+            return super().wait(method, callback=callback, timeout=timeout,
+                                returns_tuple=returns_tuple)
+        closing = timeout is None and method == spec.Channel.CloseOk
+        local = connection._local
+        previous = getattr(local, "waiting_on", None)
+        try:
+            local.waiting_on = self
+            return super().wait(method, callback=callback,
+                                timeout=CLOSE_OK_TIMEOUT if closing else timeout,
+                                returns_tuple=returns_tuple)
+        except TimeoutError:
+            if closing:  # see close()
+                self.collect()
+            raise
+        except RecoverableConnectionError:
+            if self.connection is None:  # upstream's "already closed": closed by whom?
+                self._check_still_owned(connection._thread_inbox())
+            raise
+        finally:
+            local.waiting_on = previous
 
-    # Upstream: closes from the calling thread, which then waits for CloseOk. Here the closing
-    # thread first takes ownership so the CloseOk reaches it (dramatiq closes consumers from the
-    # main thread while their own thread is blocked in drain_events).
+    # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
+    # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
+    # consumers from the main thread while their own thread is blocked in drain_events), and
+    # waits at most CLOSE_OK_TIMEOUT without a reply: then the channel is forgotten here
+    # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
+    # Close-Ok finds no channel).
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
               argsig: str = "BsBB") -> Any:
         if self.is_open:
@@ -155,19 +226,37 @@ class Channel(pyamqp.Channel):
 
     # Upstream: logs a warning for every method that arrives while the channel closes (for
     # example deliveries already in flight). Those are expected; drop them quietly.
+    # The method leaves the mailbox's hand only here, as late as Python code can tell
+    # (Mailbox.take): an interrupt before this line has it dispatched by the next wait.
     def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> Any:
+        dispatch = super().dispatch_method
+        self._mailbox.dispatching(method_sig, payload, content)
         if self.is_closing and method_sig not in self._ALLOWED_METHODS_WHEN_CLOSING:
             logger.debug("channel %s closing: dropped %s", self.channel_id, method_sig)
             return None
-        return super().dispatch_method(method_sig, payload, content)
+        return dispatch(method_sig, payload, content)
 
     # Upstream: waits for "the next" basic.ack/basic.nack on the channel, whichever message it
     # confirms, so a late confirm of an earlier publish (one that was returned unroutable, or
     # interrupted) would complete the next publish before the broker has it. Here each publish
     # waits for the confirm of its own delivery tag.
+    #
+    # The server numbers every publish it receives; this channel counts a publish once
+    # _basic_publish returns. An interrupt (dramatiq's TimeLimit) that lands in the writer
+    # after the send, or in a message another thread writes for it, leaves the two counts
+    # apart, and from then on every publish would take the confirm of the one before it. It
+    # cannot be told from here whether the message left (an interrupt can land between any
+    # two bytecodes, also of an except clause), so _publishing marks the stretch from the
+    # first write to the counting: if a publish finds it still set, the earlier one was
+    # interrupted, and the channel is closed with ConfirmsOutOfStepError (the pool, the
+    # broker and default_channel then open a new one). Guessing the count instead would, when
+    # wrong the other way, make a publish wait for a confirm that never comes.
     def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
         confirm_timeout = kwargs.pop("confirm_timeout", None)
         self._check_owner()
+        if self._publishing:
+            self._close_out_of_step()
+        self._publishing = True
         if not self._confirm_selected:
             self._confirm_selected = True
             self._publish_seq = 0
@@ -177,25 +266,53 @@ class Channel(pyamqp.Channel):
             self.confirm_select()
         result = self._basic_publish(*args, **kwargs)
         self._publish_seq += 1
+        self._publishing = False
         seq = self._publish_seq
         self._unconfirmed[seq] = None
         try:
             self._wait_for_confirm(seq, confirm_timeout or kwargs.get("timeout"))
         finally:
             outcome = self._unconfirmed.pop(seq, None)
+        if outcome:
+            self.confirmed += 1
+        elif outcome is False:
+            self.nacked += 1
         if outcome is False:
             raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
         return result
 
+    def _close_out_of_step(self) -> None:
+        channel_id = self.channel_id
+        with suppress(AMQPError, OSError):
+            self.close()
+        raise ConfirmsOutOfStepError(
+            f"an earlier publish on channel {channel_id} was interrupted, so its confirms "
+            "would be out of step; the channel was closed (open another)"
+        )
+
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
+        """Until the confirm of ``seq``; with no timeout, woken by the connection's failure
+        or by another thread closing the channel (drain_events checks the owner); while the
+        server blocks the connection, at most until blocked_timeout after the block began
+        (flow.py)."""
         deadline = None if timeout is None else monotonic() + timeout
+        inbox = None
         while self._unconfirmed.get(seq) is None:
             connection = self.connection
             if connection is None:
                 self._raise_if_failed()
+                if inbox is not None:
+                    self._check_still_owned(inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
+            inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            connection.drain_events(timeout=remaining)
+            local = connection._local
+            previous = getattr(local, "waiting_on", None)
+            try:
+                local.waiting_on = self
+                connection.drain_events(timeout=remaining)
+            finally:
+                local.waiting_on = previous
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

@@ -27,9 +27,12 @@ from kombu.transport import pyamqp
 from . import forksafe
 from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
+from .flow import FlowControl
 from .frames import FrameWriter
 from .inbox import Inbox
 from .reader import Reader
+from .stats import ChannelTotals
+from .tls import TLSSocket
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +83,22 @@ class TCPTransport(_SharedSocketMixin, amqp_transport.TCPTransport):
 
 
 class SSLTransport(_SharedSocketMixin, amqp_transport.SSLTransport):
-    """TLS transport for a shared connection."""
+    """TLS transport for a shared connection: TLS in a :class:`~.tls.TLSSocket`, so that the
+    reader thread and the writers never use the one SSL object at the same time."""
+
+    sock: Any  # the raw socket, then the TLSSocket over it
+
+    # Upstream: wraps the socket in an ``ssl.SSLSocket``, handshakes on it and reads and writes
+    # through it. Here: upstream's own wrapping builds the context from the ``ssl`` options
+    # (handshake deferred), then a TLSSocket takes its descriptor, handshakes through memory
+    # BIOs within connect_timeout and does the socket I/O itself.
+    def _setup_transport(self) -> None:
+        options = {**self.sslopts, "do_handshake_on_connect": False}
+        wrapped = self._wrap_socket(self.sock, **options)
+        self.sock = sock = TLSSocket.over(wrapped, timeout=self.connect_timeout)
+        sock.do_handshake(self.connect_timeout)
+        self._quick_recv = sock.recv
+        self._write = sock.sendall
 
 
 class Connection(pyamqp.Connection):
@@ -88,9 +106,20 @@ class Connection(pyamqp.Connection):
 
     Channel = Channel
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    # Upstream: Connection.Blocked is read without its argument, so the server's reason is lost
+    # (on_blocked gets "connection blocked, see broker logs"). Here its reason is read.
+    _METHODS = {**pyamqp.Connection._METHODS,
+                spec.Connection.Blocked: spec.method(spec.Connection.Blocked, "s")}
+
+    def __init__(self, *args: Any, blocked_timeout: float | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("frame_writer", FrameWriter)
         super().__init__(*args, **kwargs)
+        #: Blocked by the server or not (set by the reader, waited on before each publish).
+        self.flow = FlowControl(self.host, blocked_timeout)
+        #: Methods received, by signature (counted by the reader; stats.py).
+        self.received: dict[Any, int] = {}
+        #: Confirms counted by channels already collected (stats.py).
+        self.channel_totals = ChannelTotals()
         # Guards _inboxes and the first assignment of _failure (so every inbox that exists
         # when the connection fails is woken exactly once).
         self._inboxes_lock = threading.Lock()
@@ -115,6 +144,8 @@ class Connection(pyamqp.Connection):
             inbox = self._local.inbox = Inbox()
             with self._inboxes_lock:
                 self._inboxes.add(inbox)
+                if self._failure is not None:  # failed before: _fail() did not see this one
+                    inbox.wake()
         return inbox
 
     def _thread_inbox(self) -> Inbox | None:
@@ -149,11 +180,25 @@ class Connection(pyamqp.Connection):
         initial = bytes(getattr(transport, "_read_buffer", b""))
         transport._read_buffer = b""
         transport.shared = True
+        self._set_user_timeout(sock, transport)
         self._reader = Reader(
             self, sock, initial, float(self.heartbeat or 0), self.frame_writer,
             name=f"amqp-reader-{self.host}",
         )
         self._reader.start()
+
+    # Upstream: TCP_USER_TIMEOUT is 1 s whatever the heartbeat, so a server that stops reading
+    # for a second (a memory alarm: it blocks publishers by not reading) kills the connection.
+    # Here, with heartbeats on, it is two heartbeat intervals, the horizon of the reader's
+    # missed-heartbeat check, so a send stuck on a dead peer fails in about the same time.
+    # A TCP_USER_TIMEOUT given in socket_settings is kept.
+    def _set_user_timeout(self, sock: Any, transport: Any) -> None:
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        settings = getattr(transport, "socket_settings", None) or {}
+        if option is None or not self.heartbeat or option in settings:
+            return
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(2000 * float(self.heartbeat)))
 
     # -- routing and waiting ---------------------------------------------------------------
 
@@ -161,6 +206,8 @@ class Connection(pyamqp.Connection):
     # only connection-level methods (channel 0) and hands the rest to the owner's inbox.
     def on_inbound_method(self, channel_id: int, method_sig: Any, payload: Any,
                           content: Any) -> Any:
+        received = self.received
+        received[method_sig] = received.get(method_sig, 0) + 1
         if channel_id == 0 or self._reader is None:
             return super().on_inbound_method(channel_id, method_sig, payload, content)
         channels = self.channels
@@ -180,7 +227,8 @@ class Connection(pyamqp.Connection):
         doorbells.clear()
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
-    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.
+    # channel the calling thread owns; socket.timeout when none arrives within ``timeout``. A
+    # thread waiting for a reply waits while blocked at most blocked_timeout (flow.py).
     def drain_events(self, timeout: float | None = None) -> None:
         failure = self._failure
         if failure is not None:
@@ -188,9 +236,20 @@ class Connection(pyamqp.Connection):
         if self._reader is None:
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
+        waiting_on = getattr(self._local, "waiting_on", None)
+        wait = timeout
+        if waiting_on is not None:
+            waiting_on._check_still_owned(inbox)
+            # A reply (a confirm, a declare-ok, a channel's open-ok) does not come while the
+            # server blocks the connection: wait at most blocked_timeout from the start of the
+            # block (flow.py).
+            wait = self.flow.bound_confirm_wait(timeout)
         try:
-            mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
+            mailbox = inbox.next_mailbox(None if wait is None else max(wait, 0.0))
         except queue.Empty:
+            if wait != timeout:  # the block's bound ran out, not the caller's
+                self.flow.bound_confirm_wait(timeout)  # raises PublishBlockedError
+                return None  # unblocked meanwhile
             raise TimeoutError("timed out") from None
         if mailbox is None:
             failure = self._failure
@@ -198,8 +257,11 @@ class Connection(pyamqp.Connection):
                 raise failure.for_caller()
             return None
         method = mailbox.take(inbox)
+        if method is None:
+            return None
         channel = mailbox.channel
-        if method is None or channel is None or channel.connection is None:
+        if channel is None or channel.connection is None:
+            mailbox.dispatching(*method)  # its channel is gone: nobody dispatches it
             return None
         channel.dispatch_method(*method)
         return None
@@ -242,6 +304,22 @@ class Connection(pyamqp.Connection):
             self.send_method(spec.Connection.CloseOk)
         raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
 
+    # Upstream: calls on_blocked; kombu then notices the block only when it drains the connection
+    # before its next publish. Here the reader records it, so publishers wait before they write
+    # (see flow.py); threads waiting for a confirm are woken to bound that wait.
+    def _on_blocked(self, reason: str = "") -> None:
+        if self.flow.block(reason):
+            with self._inboxes_lock:
+                inboxes = list(self._inboxes)
+            for inbox in inboxes:
+                inbox.wake()
+        if self.on_blocked:
+            self.on_blocked(reason)
+
+    def _on_unblocked(self) -> None:
+        self.flow.unblock()
+        super()._on_unblocked()
+
     # Upstream: Close-Ok collects the connection. Here it tells close() that the server is done.
     def _on_close_ok(self) -> None:
         reader = self._reader
@@ -271,6 +349,7 @@ class Connection(pyamqp.Connection):
                 return False
             self._failure = failure
             inboxes = list(self._inboxes)
+        self.flow.end()
         transport = self._transport
         if transport is not None:
             transport.connected = False
@@ -281,6 +360,7 @@ class Connection(pyamqp.Connection):
                     sock.shutdown(socket.SHUT_RDWR)
         for inbox in inboxes:
             inbox.wake()
+        self._close_ok.set()  # a close() waiting for its Close-Ok waits no more
         return True
 
     def _teardown(self) -> None:
@@ -308,7 +388,10 @@ class Connection(pyamqp.Connection):
                 if channel is not self:
                     channel._failure = self._failure
                     channel.collect()
-        self._transport = self.connection = self.channels = None
+        # Upstream sets channels to None too; other threads may be inside py-amqp code that
+        # indexes it (a Channel being made), and would get TypeError, not a connection error.
+        # Here it stays a dict: what they do next reaches the writer, which raises the failure.
+        self._transport = self.connection = None
 
     # Upstream: closes the socket and forgets the channels. Here the same, after stopping the
     # reader and failing every waiting thread with a clear error.

@@ -160,19 +160,25 @@ RETIRED: Any = _RetiredInbox()
 class Mailbox:
     """The methods received for one channel that its owner has not dispatched yet."""
 
-    __slots__ = ("channel", "owner", "_pending", "_lock")
+    __slots__ = ("channel", "owner", "_pending", "_in_hand", "_lock")
 
     def __init__(self, channel: Any, owner: Inbox) -> None:
         self.channel: Any = channel
         self.owner = owner
         self._pending: deque[Method] = deque()
+        # The method taken last, until its dispatch begins (see take()).
+        self._in_hand: Method | None = None
         # Guards owner against a concurrent take(), so a method is taken only by the current
         # owner (post() appends without it; see there).
         self._lock = threading.Lock()
         owner.owned.add(self)
 
     def has_pending(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending) or self._in_hand is not None
+
+    def pending_count(self) -> int:
+        """Any thread: how many methods wait for the owner (for stats)."""
+        return len(self._pending)
 
     def post(self, method: Method) -> Inbox:
         """Reader thread: keep ``method``; returns the inbox to ring for it.
@@ -191,11 +197,33 @@ class Mailbox:
         return self.owner
 
     def take(self, inbox: Inbox) -> Method | None:
-        """Owner thread, after a doorbell: the next method, or None if it moved away."""
+        """Owner thread, after a doorbell: the next method, or None if it moved away.
+
+        The method stays in hand until :meth:`dispatching` says its dispatch began, so one
+        that an asynchronous exception (dramatiq's TimeLimit) loses on the way (a delivery
+        that nobody would ack until its channel closed) is taken again by the next wait. It
+        is put in hand before it leaves the queue: CPython raises such an exception only
+        after a call returns, and never between the two stores.
+        """
         with self._lock:
-            if self.owner is not inbox or not self._pending:
+            if self.owner is not inbox:
                 return None
-            return self._pending.popleft()
+            in_hand = self._in_hand
+            if in_hand is not None:
+                return in_hand
+            pending = self._pending
+            if not pending:
+                return None
+            in_hand = self._in_hand = pending[0]
+            pending.popleft()
+            return in_hand
+
+    def dispatching(self, method_sig: Any, payload: Any, content: Any) -> None:
+        """Owner thread: this method's dispatch begins; never take it again."""
+        in_hand = self._in_hand
+        if (in_hand is not None and in_hand[1] is payload and in_hand[2] is content
+                and in_hand[0] == method_sig):
+            self._in_hand = None
 
     def move_to(self, inbox: Inbox) -> Inbox:
         """Make ``inbox``'s thread the owner; return the previous owner's inbox."""
@@ -206,6 +234,8 @@ class Mailbox:
             if previous is not inbox:
                 previous.owned.discard(self)
                 inbox.owned.add(self)
+                # A method in hand stays the previous owner's: it may be dispatching it.
+                self._in_hand = None
                 for _ in range(len(self._pending)):
                     inbox.put(self)
         return previous
@@ -216,6 +246,7 @@ class Mailbox:
         thread's inbox and eventfd (not whenever the cyclic collector runs)."""
         with self._lock:
             self._pending.clear()
+            self._in_hand = None
             self.owner.owned.discard(self)
             self.owner = RETIRED
             self.channel = None

@@ -1,7 +1,7 @@
 """Fault scenarios for KombuBroker under load, against the real RabbitMQ (no mocks).
 
-Shared by ``tests/test_reliability_*.py`` (small scale) and ``python -m stress.faults`` (the
-full scale, and the table in the README). Each scenario runs a real ``dramatiq.Worker`` (or the
+Run by ``python -m stress.faults`` (the full scale, and the table in the README) and by
+``tests/test_reliability_*.py`` (small scale). Each scenario runs a real ``dramatiq.Worker`` (or the
 real ``dramatiq`` CLI) on a KombuBroker, streams messages that each carry a unique integer id,
 injects one kind of fault, and returns a :class:`FaultResult`:
 
@@ -51,13 +51,14 @@ import dramatiq
 from dramatiq import Message
 from dramatiq.middleware import Middleware
 
-import rabbit_admin
-from broker_helpers import run_bounded
 from dramatiq_kombu_broker import KombuBroker
-from transport_helpers import Proxy, open_fds
+from stress import rabbit_admin
+from stress.bounded import run_bounded
+from stress.polling import poll
+from stress.resources import open_fds
+from stress.tcp_proxy import Proxy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = REPO_ROOT / "tests"
 DRAMATIQ_CLI = Path(sys.executable).with_name("dramatiq")
 
 #: Ids of the probe messages sent right after a fault ends (regular ids count from 0).
@@ -619,12 +620,8 @@ def wait_queues_empty(vhost: str, names: list[str], timeout: float,
                       only: list[str] | None = None) -> dict[str, int]:
     """Poll until the queues ``only`` (default: all ``names``) hold no message; return the
     last counts of ``names``."""
-    deadline = now() + timeout
-    while True:
-        counts = queue_messages(vhost, names)
-        if not any(counts[n] for n in (only or names)) or now() >= deadline:
-            return counts
-        time.sleep(0.5)
+    return poll(lambda: queue_messages(vhost, names),
+                lambda counts: not any(counts[n] for n in (only or names)), timeout, 0.5)
 
 
 def connections_by_name(vhost: str) -> dict[str, list[dict[str, Any]]]:
@@ -645,12 +642,8 @@ def connections_by_name(vhost: str) -> dict[str, list[dict[str, Any]]]:
 def wait_one_connection_each(vhost: str, names: list[str],
                              timeout: float = 15) -> dict[str, list[dict[str, Any]]]:
     """Poll until each of ``names`` has exactly one server connection; the last listing."""
-    deadline = now() + timeout
-    while True:
-        listing = connections_by_name(vhost)
-        if all(len(listing.get(n, [])) == 1 for n in names) or now() >= deadline:
-            return listing
-        time.sleep(0.3)
+    return poll(lambda: connections_by_name(vhost),
+                lambda listing: all(len(listing.get(n, [])) == 1 for n in names), timeout, 0.3)
 
 
 def connection_ports(name: str, vhost: str) -> list[int]:
@@ -1032,7 +1025,7 @@ def channel_close_case(ctx: Context, queues: int = 3) -> FaultResult:
 
 
 def cli_broker() -> None:
-    """Entry point for ``dramatiq fault_helpers:cli_broker`` (the SIGTERM case).
+    """Entry point for ``dramatiq stress.fault_scenarios:cli_broker`` (the SIGTERM case).
 
     Environment: FAULT_URL, FAULT_QUEUE, FAULT_NAME (connection name prefix), FAULT_RECORDS
     (file every processing is appended to as ``id pid time``), FAULT_WORK_MS.
@@ -1103,21 +1096,21 @@ class RecordsFile:
 
 
 class CliWorker:
-    """One run of ``dramatiq fault_helpers:cli_broker -p P -t T -Q queue``."""
+    """One run of ``dramatiq stress.fault_scenarios:cli_broker -p P -t T -Q queue``."""
 
     def __init__(self, ctx: Context, queue: str, name: str, records: Path, log: Path) -> None:
         environ = {
             **os.environ,
             "FAULT_URL": ctx.url, "FAULT_QUEUE": queue, "FAULT_NAME": name,
             "FAULT_RECORDS": str(records), "FAULT_WORK_MS": str(ctx.scale.work_ms),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO_ROOT),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                         os.environ.get("PYTHONPATH")])),
         }
         self.log = log
         self.started_at = time.time()
         with log.open("ab") as output:
             self.process = subprocess.Popen(
-                [str(DRAMATIQ_CLI), "fault_helpers:cli_broker", "-p",
+                [str(DRAMATIQ_CLI), "stress.fault_scenarios:cli_broker", "-p",
                  str(ctx.scale.cli_processes), "-t", str(ctx.scale.threads), "-Q", queue, "-v"],
                 cwd=REPO_ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT,
             )
@@ -1144,13 +1137,9 @@ def worker_connection_names(vhost: str, prefix: str) -> list[str]:
 def wait_for_no_connections(vhost: str, prefix: str, pids: set[int],
                             timeout: float) -> list[str]:
     """Wait until no connection of the processes ``pids`` is left; return those left."""
-    deadline = now() + timeout
-    while True:
-        left = [n for n in worker_connection_names(vhost, prefix)
-                if int(n[len(prefix) + 1:].split("-")[0]) in pids]
-        if not left or now() >= deadline:
-            return left
-        time.sleep(0.5)
+    return poll(lambda: [n for n in worker_connection_names(vhost, prefix)
+                         if int(n[len(prefix) + 1:].split("-")[0]) in pids],
+                lambda left: not left, timeout, 0.5)
 
 
 def cli_sigterm_case(ctx: Context) -> FaultResult:
@@ -1345,13 +1334,11 @@ def descriptor_kinds() -> Counter[str]:
 
 
 def _settle(measure: Callable[[], int], limit: int, timeout: float = 10.0) -> int:
-    deadline = now() + timeout
-    while True:
+    def collected() -> int:
         gc.collect()
-        value = measure()
-        if value <= limit or now() >= deadline:
-            return value
-        time.sleep(0.1)
+        return measure()
+
+    return poll(collected, lambda value: value <= limit, timeout, 0.1)
 
 
 def fault_loop(ctx: Context, loops: int, heartbeat: float = 2.0,
