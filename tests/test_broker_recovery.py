@@ -27,7 +27,7 @@ from broker_helpers import (
 )
 from dramatiq_kombu_broker import reconnect
 from dramatiq_kombu_broker.consumer import KombuConsumer
-from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order
+from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order, recovery_policy
 from kombu_pyamqp_threadsafe.connection import Connection as ThreadSafeConnection
 from stress import rabbit_admin
 from transport_helpers import Proxy
@@ -90,6 +90,15 @@ def test_recovery_policy_gives_up_at_its_deadline_and_starts_afresh_after_succes
     policy.lost()  # a second loss during one recovery keeps its deadline
     clock.now += 2.5
     assert policy.failed() is None
+
+
+def test_recovery_policy_takes_pikas_attempts_per_node_and_retry_delay():
+    default = recovery_policy(1, 0.1, 1)  # pika's one attempt: still rides out a short outage
+    assert (default.attempts, default.first_delay, default.max_delay) == (8, 0.1, 2.0)
+    assert default.budget == 30
+    patient = recovery_policy(5, 3.0, 3)  # five rounds over three nodes, 3 s apart at least
+    assert (patient.attempts, patient.first_delay, patient.max_delay) == (15, 3.0, 3.0)
+    assert patient.budget == 45
 
 
 def test_recovery_policy_needs_an_attempt():
