@@ -216,3 +216,38 @@ def test_kombu_apis_from_many_threads_on_one_connection(installed: None, amqp_ur
         assert registry.connections() >= 1
     finally:
         conn.release()
+
+
+def test_a_wait_for_a_confirm_runs_no_consumer_callback(installed: None, amqp_url: str,
+                                                       queue_name: str) -> None:
+    """Two kombu.Connections share the socket; one thread consumes on one and publishes with
+    confirms on the other (Celery's worker: task consumer and event dispatcher). Deliveries
+    wait for the thread's next drain_events() instead of running inside the publish (which
+    re-entered Celery's dispatcher and hung the worker)."""
+    consuming, publishing = _named(amqp_url, "nested"), _named(amqp_url, "nested")
+    try:
+        queue = Queue(queue_name, auto_delete=True)
+        inside_publish = threading.local()
+        nested: list[bytes] = []
+        got: list[bytes] = []
+
+        def on_message(body: bytes, message: kombu.Message) -> None:
+            (nested if getattr(inside_publish, "value", False) else got).append(body)
+            message.ack()
+
+        producer = Producer(publishing)
+        with kombu.Consumer(consuming, [queue], callbacks=[on_message], accept=["json"]):
+            for n in range(50):
+                producer.publish(n, routing_key=queue_name, serializer="json")
+            inside_publish.value = True
+            for n in range(50, 100):
+                producer.publish(n, routing_key=queue_name, serializer="json")
+            inside_publish.value = False
+            while len(got) + len(nested) < 100:
+                consuming.drain_events(timeout=10)
+        assert consuming.connection is publishing.connection
+        assert nested == []
+        assert sorted(got) == list(range(100))
+    finally:
+        consuming.release()
+        publishing.release()

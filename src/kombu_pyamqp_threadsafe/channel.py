@@ -129,8 +129,13 @@ class Channel(pyamqp.Channel):
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
-        return super().wait(method, callback=callback, timeout=timeout,
-                            returns_tuple=returns_tuple)
+        connection = self.connection
+        if connection is None or self.is_closing:  # deliveries are dropped while closing
+            return super().wait(method, callback=callback, timeout=timeout,
+                                returns_tuple=returns_tuple)
+        with connection.waiting_for_reply():
+            return super().wait(method, callback=callback, timeout=timeout,
+                                returns_tuple=returns_tuple)
 
     # Upstream: closes from the calling thread, which then waits for CloseOk. Here the closing
     # thread first takes ownership so the CloseOk reaches it (dramatiq closes consumers from the
@@ -195,7 +200,8 @@ class Channel(pyamqp.Channel):
                 self._raise_if_failed()
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            connection.drain_events(timeout=remaining)
+            with connection.waiting_for_reply():
+                connection.drain_events(timeout=remaining)
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

@@ -16,6 +16,7 @@ import socket
 import threading
 import weakref
 from contextlib import contextmanager, suppress
+from time import monotonic
 from typing import Any
 
 from amqp import spec
@@ -28,11 +29,13 @@ from . import forksafe
 from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .frames import FrameWriter
-from .inbox import Inbox
+from .inbox import DEFERRED, Inbox
 from .reader import Reader
 
 logger = logging.getLogger(__name__)
 
+#: Methods a thread waiting for a reply or a confirm leaves for its next drain_events().
+DELIVERIES = frozenset({spec.Basic.Deliver})
 #: How long close() waits for the server's Close-Ok before dropping the socket anyway.
 CLOSE_TIMEOUT = 5.0
 #: How long teardown waits for the reader thread to notice the socket is gone.
@@ -181,6 +184,10 @@ class Connection(pyamqp.Connection):
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
     # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.
+    # Inside a wait for a reply or a confirm (waiting_for_reply), consumer deliveries are left
+    # for the thread's next plain drain_events(): upstream runs them nested in the wait, which
+    # on a connection shared by several kombu.Connections runs a consumer's callback inside
+    # another's publish (Celery's worker: a task-received event re-entering its dispatcher).
     def drain_events(self, timeout: float | None = None) -> None:
         failure = self._failure
         if failure is not None:
@@ -188,21 +195,46 @@ class Connection(pyamqp.Connection):
         if self._reader is None:
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
+        defer = getattr(self._local, "defer", None)
+        deadline = None if timeout is None else monotonic() + max(timeout, 0.0)
+        deferred: list[Any] = []  # doorbells left for later, in order
+        scanned: dict[Any, int] = {}  # how many methods of a mailbox are known to be deferred
         try:
-            mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
-        except queue.Empty:
-            raise TimeoutError("timed out") from None
-        if mailbox is None:
-            failure = self._failure
-            if failure is not None:
-                raise failure.for_caller()
-            return None
-        method = mailbox.take(inbox)
-        channel = mailbox.channel
-        if method is None or channel is None or channel.connection is None:
-            return None
-        channel.dispatch_method(*method)
-        return None
+            while True:
+                remaining = None if deadline is None else max(deadline - monotonic(), 0.0)
+                try:
+                    mailbox = inbox.next_mailbox(remaining, skip=scanned)
+                except queue.Empty:
+                    raise TimeoutError("timed out") from None
+                if mailbox is None:
+                    failure = self._failure
+                    if failure is not None:
+                        raise failure.for_caller()
+                    return None
+                method = mailbox.take(inbox, defer, scanned.get(mailbox, 0))
+                if method is DEFERRED:
+                    deferred.append(mailbox)
+                    scanned[mailbox] = mailbox.pending_count()
+                    continue
+                channel = mailbox.channel
+                if method is None or channel is None or channel.connection is None:
+                    return None
+                channel.dispatch_method(*method)
+                return None
+        finally:
+            if deferred:
+                inbox.put_back(deferred)
+
+    @contextmanager
+    def waiting_for_reply(self) -> Any:
+        """The calling thread's drain_events() leave consumer deliveries for later meanwhile."""
+        local = self._local
+        previous = getattr(local, "defer", None)
+        local.defer = DELIVERIES
+        try:
+            yield
+        finally:
+            local.defer = previous
 
     # Upstream: ticks heartbeats when the application calls it. Here the reader thread ticks
     # them on every connection, so this is a no-op kept for kombu's heartbeat_check().

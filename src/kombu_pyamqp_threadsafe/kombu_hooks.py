@@ -13,6 +13,7 @@ import kombu
 from kombu import pools
 from kombu.connection import ConnectionPool
 
+from .thread_channel import ThreadChannel
 from .transport import uses_shared_transport
 
 _upstream_default_channel = kombu.Connection.default_channel
@@ -25,13 +26,16 @@ _installed = False
 
 # Upstream: one channel per kombu.Connection, opened by the thread that first asks for it.
 # Celery's producer pool hands a connection and its channel from thread to thread, and a
-# channel's replies (publisher confirms) go to the thread that owns it. Here each thread gets
-# its own channel on the shared connection.
+# channel's replies (publisher confirms) go to the thread that owns it. Here a stand-in that
+# works on the calling thread's own channel (thread_channel.py).
 def _default_channel(self: kombu.Connection) -> Any:
     if not uses_shared_transport(self):
         return _upstream_default_channel.fget(self)  # type: ignore[attr-defined]
-    connection = self._ensure_connection(**self._extract_failover_opts())
-    return self.transport.default_channel(connection)
+    self._ensure_connection(**self._extract_failover_opts())
+    channel = self.__dict__.get("_thread_channel")
+    if channel is None:
+        channel = self.__dict__["_thread_channel"] = ThreadChannel(self)
+    return channel
 
 
 class HandlePool(ConnectionPool):

@@ -70,7 +70,14 @@ class Transport(pyamqp.Transport):
         return registry.thread_channel(entry, connection)
 
     def connection_key(self) -> tuple:
-        """What makes two kombu.Connections share a socket: every parameter of the socket."""
+        """What makes two kombu.Connections share a socket: every parameter of the socket.
+
+        The heartbeat counts as given: a Celery worker asks for 0 on its consuming connection
+        and for nothing on its publishing ones, so it holds two sockets, one consuming and one
+        publishing, as RabbitMQ advises (flow control blocks publishers, not consumers). On one
+        socket, a publish waiting for its confirm in the consuming thread would run that
+        thread's deliveries nested in the wait.
+        """
         client = self.client
         defaults = self.default_connection_params
         hostname = client.hostname or defaults["hostname"]
@@ -80,7 +87,7 @@ class Transport(pyamqp.Transport):
             client.port or defaults["port"], client.userid or defaults["userid"],
             client.password or defaults["password"], client.virtual_host or "/",
             repr(client.ssl), client.login_method or defaults["login_method"], client.insist,
-            client.heartbeat or DEFAULT_HEARTBEAT, client.credential_provider,
+            client.heartbeat, client.credential_provider,
             repr(sorted(options.items(), key=lambda item: str(item[0]))),
         )
 
