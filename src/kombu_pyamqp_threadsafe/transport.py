@@ -72,11 +72,10 @@ class Transport(pyamqp.Transport):
     def connection_key(self) -> tuple:
         """What makes two kombu.Connections share a socket: every parameter of the socket.
 
-        The heartbeat counts as given: a Celery worker asks for 0 on its consuming connection
-        and for nothing on its publishing ones, so it holds two sockets, one consuming and one
-        publishing, as RabbitMQ advises (flow control blocks publishers, not consumers). On one
-        socket, a publish waiting for its confirm in the consuming thread would run that
-        thread's deliveries nested in the wait.
+        The heartbeat counts as given (0 and None differ): a Celery worker asks for 0 on its
+        consuming and event connections and for nothing on the connections its tasks publish
+        on, so those get a socket of their own, and flow control that blocks task publishers
+        does not stop the worker's consumer.
         """
         client = self.client
         defaults = self.default_connection_params
