@@ -33,6 +33,13 @@ class KombuConnection(kombu.Connection):
                  **kwargs: Any) -> None:
         kombu_hooks.install()
         args, kwargs = _with_thread_safe_transport(args, kwargs)
+        if not kwargs.get("heartbeat"):
+            # kombu's meaning of heartbeat 0, off, which the transport gives only when told
+            # so in the transport options (it makes 0 mean DEFAULT_HEARTBEAT for plain
+            # kombu.Connections, which Celery's worker opens with 0).
+            options = dict(kwargs.get("transport_options") or {})
+            options.setdefault("heartbeat", 0)
+            kwargs["transport_options"] = options
         super().__init__(*args, **kwargs)
         self._channel_pool_limit = channel_pool_limit
         self._connecting = SingleFlight()

@@ -11,7 +11,7 @@ from typing import Any
 
 import kombu
 from kombu import pools
-from kombu.connection import ConnectionPool
+from kombu.connection import ConnectionPool, PooledConnection
 
 from .thread_channel import ThreadChannel
 from .transport import uses_shared_transport
@@ -55,7 +55,7 @@ class HandlePool(ConnectionPool):
     def new(self) -> Any:
         info = dict(self.connection._info(resolve=False))
         info["transport"] = self.connection.get_transport_cls()
-        return kombu.connection.PooledConnection(self, **info)
+        return PooledConnection(self, **info)
 
     def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
         if self._closed:

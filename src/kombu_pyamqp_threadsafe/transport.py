@@ -29,8 +29,19 @@ class Transport(pyamqp.Transport):
     share one AMQP connection (registry.py).
     """
 
-    Connection = Connection
     _shared: SharedConnection | None = None
+    _key: tuple | None = None
+
+    # Upstream: the connection class establish_connection() instantiates, with the client's
+    # heartbeat; 0 (kombu's default, and what Celery's synchronous worker loop asks for, since
+    # it cannot tick them) turns heartbeats off. Here the reader thread ticks them on every
+    # connection, so 0 means DEFAULT_HEARTBEAT; transport_options={"heartbeat": 0} turns them
+    # off.
+    def Connection(self, **options: Any) -> Connection:  # type: ignore[override]  # noqa: N802
+        if not options.get("heartbeat") and "heartbeat" not in (self.client.transport_options
+                                                                 or {}):
+            options["heartbeat"] = DEFAULT_HEARTBEAT
+        return Connection(**options)
 
     # Upstream: may be driven by kombu's async event loop (celery's hub), which reads the
     # socket itself. The reader thread owns the socket here, so that loop cannot be used.
@@ -39,8 +50,12 @@ class Transport(pyamqp.Transport):
     # Upstream: opens a socket for every kombu.Connection. Here the connection of the same
     # parameters already open in this process is shared (opened by the first handle).
     def establish_connection(self) -> Any:
-        entry, connection = registry.connect(self.client, self.connection_key(),
-                                             self._open_connection)
+        # Computed once: the connect below changes the client's fields for its duration, and
+        # other threads of this client may ask for the connection meanwhile.
+        key = self._key
+        if key is None:
+            key = self._key = self.connection_key()
+        entry, connection = registry.connect(self.client, key, self._open_connection)
         self._shared = entry
         return connection
 
@@ -90,26 +105,21 @@ class Transport(pyamqp.Transport):
             repr(sorted(options.items(), key=lambda item: str(item[0]))),
         )
 
-    # Upstream: heartbeat 0 (kombu's default, and what Celery's synchronous worker loop asks
-    # for, since it cannot tick them) turns heartbeats off. Here the reader thread ticks them
-    # on every connection, so 0 means DEFAULT_HEARTBEAT; transport_options={"heartbeat": 0}
-    # turns them off.
     # Upstream: with ``ssl=True`` the server's certificate is checked but not its host name
     # (py-amqp checks the name only when server_hostname is given). Here amqps verifies both
     # by default; ``ssl={"cert_reqs": ssl.CERT_NONE}`` turns verification off, with a warning.
     def _open_connection(self) -> Any:
         conninfo = self.client
-        given, hostname, heartbeat = conninfo.ssl, conninfo.hostname, conninfo.heartbeat
-        if not heartbeat:
-            conninfo.heartbeat = DEFAULT_HEARTBEAT
-        if given:
-            conninfo.ssl = verified_tls_options(given, hostname)
+        given, hostname = conninfo.ssl, conninfo.hostname
+        if not given:
+            return super().establish_connection()
+        conninfo.ssl = verified_tls_options(given, hostname)
         try:
             return super().establish_connection()
         finally:
             # kombu rewrites "localhost" to "127.0.0.1" in place; the next connect must verify
             # the certificate against the name the application gave again.
-            conninfo.ssl, conninfo.hostname, conninfo.heartbeat = given, hostname, heartbeat
+            conninfo.ssl, conninfo.hostname = given, hostname
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
         raise NotImplementedError(
