@@ -38,8 +38,8 @@ class Transport(pyamqp.Transport):
     # connection, so 0 means DEFAULT_HEARTBEAT; transport_options={"heartbeat": 0} turns them
     # off.
     def Connection(self, **options: Any) -> Connection:  # type: ignore[override]  # noqa: N802
-        if not options.get("heartbeat") and "heartbeat" not in (self.client.transport_options
-                                                                 or {}):
+        client: Any = self.client
+        if not options.get("heartbeat") and "heartbeat" not in (client.transport_options or {}):
             options["heartbeat"] = DEFAULT_HEARTBEAT
         return Connection(**options)
 
@@ -92,7 +92,7 @@ class Transport(pyamqp.Transport):
         on, so those get a socket of their own, and flow control that blocks task publishers
         does not stop the worker's consumer.
         """
-        client = self.client
+        client: Any = self.client
         defaults = self.default_connection_params
         hostname = client.hostname or defaults["hostname"]
         options = client.transport_options or {}
@@ -109,7 +109,7 @@ class Transport(pyamqp.Transport):
     # (py-amqp checks the name only when server_hostname is given). Here amqps verifies both
     # by default; ``ssl={"cert_reqs": ssl.CERT_NONE}`` turns verification off, with a warning.
     def _open_connection(self) -> Any:
-        conninfo = self.client
+        conninfo: Any = self.client
         given, hostname = conninfo.ssl, conninfo.hostname
         if not given:
             return super().establish_connection()
@@ -173,7 +173,7 @@ class SchemeTransport(Transport):
     # Upstream: a transport that parses its own URL prints the hostname as its URI. Here the
     # connection's fields, as ``shared+amqp://`` (``shared+amqps://`` over TLS).
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
-        client = self.client
+        client: Any = self.client
         scheme = "shared+amqps" if client.ssl else "shared+amqp"
         defaults = self.default_connection_params
         password = client.password or defaults["password"]
