@@ -82,14 +82,38 @@ class HandlePool(ConnectionPool):
 
 
 class HandleProducerPool(pools.ProducerPool):
-    """kombu's producer pool on a :class:`HandlePool`: a producer per acquire, no limit.
+    """kombu's producer pool on a :class:`HandlePool`: no limit, ``acquire()`` never waits.
 
-    Celery sets the producer pool's limit to its connection pool's (0 here), and
-    ``kombu.pools.set_limit()`` resizes every pool: neither bounds this one.
+    Upstream: at most ``limit`` producers, a thread finding them all in use waits. Here an
+    idle producer is reused, else a new one made. Celery sets the producer pool's limit to
+    its connection pool's (0 here), and ``kombu.pools.set_limit()`` resizes every pool:
+    neither bounds this one.
     """
 
     def __init__(self, connections: HandlePool, **kwargs: Any) -> None:
+        # Released producers, reused last-in first-out (list append/pop are atomic).
+        self._idle: list[Any] = []
         super().__init__(connections, limit=0, **kwargs)
+
+    def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
+        if self._closed:
+            raise RuntimeError("Acquire on closed pool")
+        try:
+            producer = self.prepare(self._idle.pop())
+        except IndexError:
+            producer = self.prepare(self.new())
+        producer.release = lambda: self.release(producer)
+        return producer
+
+    def release(self, resource: Any) -> None:
+        if resource.__connection__:
+            resource.__connection__.release()
+        resource.channel = None
+        self._idle.append(resource)
+
+    def force_close_all(self, close_pool: bool = True) -> None:
+        self._closed = close_pool
+        self._idle = []
 
     def resize(self, limit: int, force: bool = False, ignore_errors: bool = False,
                reset: bool = False) -> None:

@@ -31,7 +31,9 @@ class ThreadChannel:
     def current(self) -> Channel:
         """The calling thread's channel."""
         client = self._client
-        connection = client._ensure_connection(**client._extract_failover_opts())
+        connection = client._connection
+        if client._closed or connection is None or not connection.connected:
+            connection = client._ensure_connection(**client._extract_failover_opts())
         return client.transport.default_channel(connection)
 
     def __getattr__(self, name: str) -> Any:
