@@ -182,13 +182,12 @@ class Channel(pyamqp.Channel):
             return super().wait(method, callback=callback, timeout=timeout,
                                 returns_tuple=returns_tuple)
         closing = timeout is None and method == spec.Channel.CloseOk
-        local = connection._local
-        previous = getattr(local, "waiting_on", None)
         try:
-            local.waiting_on = self
-            return super().wait(method, callback=callback,
-                                timeout=CLOSE_OK_TIMEOUT if closing else timeout,
-                                returns_tuple=returns_tuple)
+            # Deliveries are not deferred while closing: they are dropped then.
+            with connection.waiting_for_reply(self, defer=not self.is_closing):
+                return super().wait(method, callback=callback,
+                                    timeout=CLOSE_OK_TIMEOUT if closing else timeout,
+                                    returns_tuple=returns_tuple)
         except TimeoutError:
             if closing:  # see close()
                 self.collect()
@@ -197,8 +196,6 @@ class Channel(pyamqp.Channel):
             if self.connection is None:  # upstream's "already closed": closed by whom?
                 self._check_still_owned(connection._thread_inbox())
             raise
-        finally:
-            local.waiting_on = previous
 
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
     # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
@@ -307,13 +304,8 @@ class Channel(pyamqp.Channel):
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            local = connection._local
-            previous = getattr(local, "waiting_on", None)
-            try:
-                local.waiting_on = self
+            with connection.waiting_for_reply(self):
                 connection.drain_events(timeout=remaining)
-            finally:
-                local.waiting_on = previous
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

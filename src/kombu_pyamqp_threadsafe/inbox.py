@@ -23,6 +23,8 @@ from . import forksafe
 
 #: A method as the reader hands it over: (method_sig, payload, content).
 Method = tuple[Any, Any, Any]
+#: Mailbox.take(): only methods the caller defers are pending.
+DEFERRED: Any = object()
 
 
 class Wakeup:
@@ -119,7 +121,11 @@ class Inbox:
     def qsize(self) -> int:
         return len(self._doorbells)
 
-    def next_mailbox(self, timeout: float | None) -> Mailbox | None:
+    def put_back(self, mailboxes: list[Mailbox]) -> None:
+        """The owning thread: doorbells it took and left for later go back in front."""
+        self._doorbells.extendleft(reversed(mailboxes))
+
+    def next_mailbox(self, timeout: float | None, skip: Any = ()) -> Mailbox | None:
         """The owning thread: the next doorbell; raises queue.Empty after ``timeout`` seconds.
 
         An asynchronous exception (dramatiq's TimeLimit) can land after a doorbell was taken
@@ -131,7 +137,7 @@ class Inbox:
             if self._doorbells:
                 return self._doorbells.popleft()
             for mailbox in tuple(self.owned):
-                if mailbox.has_pending():
+                if mailbox.has_pending() and mailbox not in skip:
                     return mailbox
             remaining = None
             if deadline is not None:
@@ -196,8 +202,12 @@ class Mailbox:
         self._pending.append(method)
         return self.owner
 
-    def take(self, inbox: Inbox) -> Method | None:
+    def take(self, inbox: Inbox, defer: Any = None, start: int = 0) -> Any:
         """Owner thread, after a doorbell: the next method, or None if it moved away.
+
+        With ``defer`` (method signatures), the first method of another kind from index
+        ``start`` on (the caller knows the ones before are deferred), or DEFERRED when there is
+        none (the deferred ones stay, in order).
 
         The method stays in hand until :meth:`dispatching` says its dispatch began, so one
         that an asynchronous exception (dramatiq's TimeLimit) loses on the way (a delivery
@@ -214,9 +224,17 @@ class Mailbox:
             pending = self._pending
             if not pending:
                 return None
-            in_hand = self._in_hand = pending[0]
-            pending.popleft()
-            return in_hand
+            if not defer or (start == 0 and pending[0][0] not in defer):
+                in_hand = self._in_hand = pending[0]
+                pending.popleft()
+                return in_hand
+            for index in range(start, len(pending)):
+                method = pending[index]
+                if method[0] not in defer:
+                    self._in_hand = method
+                    del pending[index]
+                    return method
+            return DEFERRED
 
     def dispatching(self, method_sig: Any, payload: Any, content: Any) -> None:
         """Owner thread: this method's dispatch begins; never take it again."""
