@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import rabbit_admin
 
 import kombu_pyamqp_threadsafe as ts
+from stress import rabbit_admin
 
 HEARTBEAT = 2.0
 SRC = Path(__file__).resolve().parents[1] / "src"

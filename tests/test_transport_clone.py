@@ -15,12 +15,12 @@ from urllib.parse import quote
 
 import kombu
 import pytest
-import rabbit_admin
 from kombu import Exchange, Producer, Queue, pools
 from kombu import transport as kombu_transports
 
 import kombu_pyamqp_threadsafe as ts
 from kombu_pyamqp_threadsafe.registry import registry
+from stress import rabbit_admin
 
 VHOST = "v h/1"
 REST = f"guest:secret@127.0.0.1:5673/{quote(VHOST, safe='')}"
