@@ -476,8 +476,8 @@ class _InterruptedTake(Mailbox):
 
     __slots__ = ()
 
-    def take(self, inbox):
-        method = super().take(inbox)
+    def take(self, inbox, *args):
+        method = super().take(inbox, *args)
         if method is not None:
             self.__class__ = Mailbox
             raise Interrupt  # as TimeLimit landing before the dispatch begins
