@@ -3,16 +3,19 @@ RabbitMQ, with a throw-away CA made by the openssl CLI)."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
 import random
+import re
 import select
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import traceback
 from contextlib import suppress
 
 import pytest
@@ -671,3 +674,120 @@ def test_tls_nonblocking_send_keeps_the_rest_for_the_next_write(tls_files):
     finally:
         sock.close()
         server_raw.close()
+
+
+class _Interrupt(Exception):
+    """Raised into publisher threads the way dramatiq raises TimeLimit."""
+
+
+def _raise_in(thread, exc_type):
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                               ctypes.py_object(exc_type))
+
+
+def test_amqps_interrupts_in_publishers_never_corrupt_the_stream(tls_files, tls_proxy, vhost,
+                                                                 connection_name, queue_name):
+    """200 asynchronous exceptions raised into 8 threads that publish without pause over one
+    amqps connection, mostly into the one holding the write lock (a few land inside tls.py
+    itself, most in the code around it): the TLS stream stays whole (the connection never
+    drops, so the proxy's TLS end never saw a bad record), and every body that arrives is
+    intact, the last one too."""
+    conn = _tls_connection(tls_files, tls_proxy, vhost, connection_name)
+    conn.ensure_connection(max_retries=3)
+    main = conn.default_channel
+    main.queue_declare(queue_name, auto_delete=False)
+    stop = threading.Event()
+    received, damaged, where = [], [], []  # where: the file each interrupt landed in
+    end = threading.Event()
+
+    def consumer():
+        channel = conn.channel()
+
+        def on_message(message):
+            body = message.body
+            if body == b"end":
+                end.set()
+            elif hashlib.sha256(body[32:]).digest() != body[:32]:
+                damaged.append(len(body))
+            received.append(1)
+
+        channel.basic_consume(queue_name, callback=on_message, no_ack=True)
+        while not end.is_set():
+            with suppress(TimeoutError):
+                conn.drain_events(timeout=0.5)
+
+    publishers = []
+    in_flight = []  # per publisher: an interrupt raised into it and not yet caught
+    armed = []  # per publisher: in its loop, where it catches interrupts
+
+    def publisher(n):
+        rand = random.Random(n)
+        channel = conn.channel()
+        interrupted = 0
+        caught = False
+        while True:
+            try:
+                armed[n].set()  # inside the try: from here on an interrupt is caught
+                if caught:  # ready for the next one only here, not at the loop's jump back
+                    caught = False
+                    in_flight[n].clear()
+                if stop.is_set():
+                    return interrupted
+                payload = rand.randbytes(rand.choice((100, 2_000, 8_000)))
+                channel.basic_publish(
+                    channel.prepare_message(hashlib.sha256(payload).digest() + payload),
+                    exchange="", routing_key=queue_name)
+            except _Interrupt as exc:
+                interrupted += 1
+                innermost = traceback.extract_tb(exc.__traceback__)[-1]
+                where.append(os.path.basename(innermost.filename))
+                caught = True
+
+    consuming = Worker(consumer, name="tls-consumer")
+    consuming.start()
+    for n in range(8):
+        in_flight.append(threading.Event())
+        armed.append(threading.Event())
+        publishers.append(Worker(publisher, n, name=f"tls-publisher-{n}"))
+    start_all(publishers)
+    rand = random.Random(0)
+    raised = 0
+    by_ident = {worker.ident: n for n, worker in enumerate(publishers)}
+    write_lock = conn.connection.frame_writer.lock
+    deadline = time.monotonic() + 60
+    while raised < 200 and time.monotonic() < deadline:
+        # Mostly the thread that holds the write lock (it is writing, through the TLS object).
+        owner = re.search(r"owner=(\d+)", repr(write_lock))
+        n = by_ident.get(int(owner.group(1)) if owner else None)
+        if n is None or rand.random() < 0.2:
+            n = rand.randrange(len(publishers))
+        if in_flight[n].is_set() or not armed[n].is_set():
+            continue
+        in_flight[n].set()
+        _raise_in(publishers[n], _Interrupt)
+        raised += 1
+        for _ in range(rand.randrange(20_000)):  # let it run a random while
+            pass
+    # Every interrupt caught, then stop.
+    deadline = time.monotonic() + 30
+    while any(event.is_set() for event in in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    try:
+        assert join_all(publishers, 30) == []
+        assert [repr(w.error) for w in publishers if w.error is not None] == []
+        assert raised == 200
+        assert sum(w.result for w in publishers) == 200
+        assert conn.connected
+        assert tls_proxy.accepted == 1  # the one connection stayed up throughout
+        main.basic_publish(main.prepare_message(b"end"), exchange="", routing_key=queue_name)
+        assert end.wait(30)
+        assert join_all([consuming], 10) == []
+        assert consuming.error is None, repr(consuming.error)
+        assert damaged == []
+        assert len(where) == 200
+    finally:
+        stop.set()
+        with suppress(Exception):
+            main.queue_delete(queue_name)
+        conn.close()
