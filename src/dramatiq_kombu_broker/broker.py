@@ -76,6 +76,8 @@ class KombuBroker(Broker):
         queues.
       queue_arguments: extra arguments for ``q`` and ``q.DQ``.
       connect_timeout: seconds to wait for the TCP and AMQP handshake (default 10).
+      confirm_timeout: seconds a publish waits for its confirm before the send retries it
+        (default 30; a send that still gets none raises ConnectionClosed).
       blocked_timeout: seconds a send waits while the server blocks publishing (a memory or
         disk alarm) before it raises ConnectionClosed naming the reason (default 30; pika's
         ``blocked_connection_timeout`` sets it too).
@@ -111,6 +113,7 @@ class KombuBroker(Broker):
         queue_arguments: dict[str, Any] | None = None,
         connect_timeout: float | None = None,
         blocked_timeout: float | None = None,
+        confirm_timeout: float | None = None,
         ssl: Any = None,
         transport_options: dict[str, Any] | None = None,
         max_delay: int = DEFAULT_MAX_DELAY_MS,
@@ -127,7 +130,7 @@ class KombuBroker(Broker):
             confirm_delivery=confirm_delivery, max_priority=max_priority, heartbeat=heartbeat,
             connection_name=connection_name, prefetch=prefetch, delay_prefetch=delay_prefetch,
             queue_arguments=queue_arguments, connect_timeout=connect_timeout,
-            blocked_timeout=blocked_timeout, ssl=ssl,
+            blocked_timeout=blocked_timeout, confirm_timeout=confirm_timeout, ssl=ssl,
             transport_options=transport_options, max_delay=max_delay, queue_type=queue_type,
             delivery_limit=delivery_limit,
         )
@@ -290,8 +293,11 @@ class KombuBroker(Broker):
             self.emit_before("enqueue", message, delay)
             body = amqp.Message(message.encode(), delivery_mode=2,
                                 priority=message.options.get("broker_priority"))
+            # A confirm that never comes (a frozen queue leader on another node) must not
+            # hold the sender: it times out (TimeoutError, retried, then ConnectionClosed).
             channel.basic_publish(body, exchange="", routing_key=queue_name,
-                                  mandatory=self.confirm_delivery)
+                                  mandatory=self.confirm_delivery,
+                                  confirm_timeout=self.settings.confirm_timeout)
 
         def on_error(exc: BaseException) -> None:
             if isinstance(exc, ChannelError) and exc.reply_code == NO_ROUTE:

@@ -48,6 +48,8 @@ class BrokerSettings:
     #: Longest wait of a publish while the server blocks publishing (KombuBroker's
     #: blocked_timeout, or pika's blocked_connection_timeout); always bounded.
     blocked_timeout: float = 30.0
+    #: Longest wait of a publish for its confirm; then it is retried (a possible duplicate).
+    confirm_timeout: float = 30.0
     queue_type: str = CLASSIC
     delivery_limit: int | None = None
 
@@ -102,6 +104,9 @@ class BrokerSettings:
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if not (_is_number(self.confirm_timeout) and self.confirm_timeout > 0):
+            raise ValueError(f"confirm_timeout must be a number of seconds > 0, "
+                             f"got {self.confirm_timeout!r}")
         if not (_is_number(self.blocked_timeout) and self.blocked_timeout > 0):
             raise ValueError(f"blocked_timeout (blocked_connection_timeout) must be a number of "
                              f"seconds > 0, got {self.blocked_timeout!r}")
