@@ -81,6 +81,11 @@ class ClusterResult(fh.FaultResult):
     def recovery(self) -> float | None:
         return self.resumed
 
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, nothing stuck. Error logs are expected here (a node is lost)."""
+        return self.lost == 0 and not self.problems and self.recovery is not None
+
 
 def markdown_table(results: list[ClusterResult]) -> str:
     rows = [["fault", "broker", "sent", "processed", "lost", "duplicates", "longest send (s)",
@@ -121,13 +126,16 @@ class ClusterRun:
     every processing, timed sends, and probes that measure when the broker works again."""
 
     def __init__(self, cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, *,
-                 heartbeat: float | None = None, watch: fh.LogWatch | None = None) -> None:
+                 heartbeat: float | None = None, watch: fh.LogWatch | None = None,
+                 elsewhere: bool = False) -> None:
         self.cluster = cluster
         self.vhost = vhost
         self.kind = kind
         self.scale = scale
         self.heartbeat = heartbeat
         self.watch = watch
+        #: Put the queue on another node than the consumer connection's.
+        self.elsewhere = elsewhere
         self.name = f"cluster-{kind}-{uuid.uuid4().hex[:6]}"
         self.queue = f"cq-{uuid.uuid4().hex[:6]}"
         self.actor_name = f"{fh.ACTOR_PREFIX}_{self.queue.replace('-', '_')}"
@@ -174,8 +182,11 @@ class ClusterRun:
 
     def start(self) -> ClusterRun:
         """Declare the queue on the consumer connection's node (so its leader, or a classic
-        queue's home, is there: the node the faults hit), then start the worker."""
+        queue's home, is there: :attr:`home`, the node the faults hit; with ``elsewhere`` on
+        the next node), then start the worker."""
         self.home = self._home_node()
+        if self.elsewhere:
+            self.home = self.home % len(NODES) + 1
         placer = make_broker(self.kind, [self.cluster.url(self.home, self.vhost)],
                              f"{self.name}-placer", None)
         try:
@@ -264,6 +275,8 @@ class ClusterRun:
             result.notes.append(f"first send error: {self.ledger.send_errors[0][:160]}")
         if self.watch is not None:
             result.unexpected_logs = list(self.watch.unexpected)
+            if result.unexpected_logs:
+                result.notes.append(f"{len(result.unexpected_logs)} error log lines")
         return result
 
     def close(self, result: ClusterResult | None = None) -> None:
@@ -401,23 +414,40 @@ def cancel_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) ->
 
 def classic_kill_case(cluster: Cluster, vhost: str, kind: str,
                       scale: ClusterScale) -> ClusterResult:
-    """A classic queue's node killed (consumers elsewhere get 404 'home node ... is down'),
-    restarted ``down`` seconds later: nothing lost once it is back."""
-    def inject(run: ClusterRun) -> float | None:
-        assert run.home is not None
-        start = now()
-        cluster.kill(run.home)
-
-        def back_later() -> None:
-            time.sleep(scale.down)
-            cluster.restart(run.home)
-
-        return run.probe_during(start, scale.down + scale.timeout / 2, back_later)
-
+    """A classic queue's node killed while the consumer connection is on another node (its
+    consumer gets 404 'home node ... is down'), restarted ``down`` seconds later: the log names
+    the queue and its node, the consumer retries, nothing is lost once the node is back."""
     if kind == "kombu-quorum":
         kind = "kombu-classic"
-    result = _run_case(cluster, vhost, kind, scale,
-                       f"classic queue's node killed, back after {scale.down:g} s", inject)
+    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+        run = ClusterRun(cluster, vhost, kind, scale, watch=watch, elsewhere=True)
+        try:
+            run.start()
+            run.stream(list(range(scale.messages)))
+            run.wait_processed(scale.messages // 3)
+            assert run.home is not None
+            start = now()
+            cluster.kill(run.home)
+
+            def back_later() -> None:
+                time.sleep(scale.down)
+                cluster.restart(run.home)
+
+            resumed = run.probe_during(start, scale.down + scale.timeout / 2, back_later)
+        except BaseException:
+            run.close()
+            raise
+        finally:
+            cluster.heal()
+        result = run.finish(f"classic queue's node killed, back after {scale.down:g} s")
+        node = f"{cluster.node_name(run.home)}"
+        named = [line for line in watch.lines(run.queue, since=start) if node in line]
+    result.resumed = resumed
+    if named:
+        result.notes.append(f"logged: {named[0][:200]}")
+    else:
+        result.problems.append(f"no log line names both the queue {run.queue} and its node "
+                               f"{node}")
     return result
 
 

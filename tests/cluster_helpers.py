@@ -121,6 +121,10 @@ class Cluster:
     # -- addresses ------------------------------------------------------------------------
 
     @staticmethod
+    def node_name(node: int) -> str:
+        return f"{PREFIX}{node}@localhost"
+
+    @staticmethod
     def port(node: int) -> int:
         return AMQP_BASE + node
 

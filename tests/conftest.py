@@ -18,6 +18,7 @@ import pytest
 
 import rabbit_admin
 from broker_helpers import BrokerEnv
+from cluster_helpers import cluster_vhost, rabbit_cluster  # noqa: F401 - session fixtures
 from transport_helpers import kombu_connection
 
 _UNREACHABLE_HINT = (
