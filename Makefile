@@ -1,5 +1,6 @@
 # Developer entry points. `make test` and `make stress` bootstrap everything they need.
 
+# One virtualenv per interpreter: `make suite PYTHON=python3.13 VENV=.venv313` (as .ci/run does).
 PYTHON ?= python3
 VENV ?= .venv
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
@@ -14,9 +15,19 @@ STAMP := $(VENV)/.installed
 # Lint every Python directory of the repository.
 LINT_PATHS := $(wildcard src tests stress examples)
 
-.PHONY: venv rabbitmq lint test stress bench cluster cluster-stop clean
+.PHONY: venv rabbitmq lint test suite stress bench cluster cluster-stop clean
+
+# A venv made by another interpreter than PYTHON is an error (pick another VENV), never reused.
+define check_venv_python
+	@want=$$($(PYTHON) -c 'import sys; print(sys.version)') && \
+	have=$$($(VENV_PY) -c 'import sys; print(sys.version)') && \
+	if [ "$$want" != "$$have" ]; then \
+		echo "$(VENV) runs Python $$have, not $(PYTHON) ($$want): set VENV=..." >&2; exit 1; \
+	fi
+endef
 
 venv: $(STAMP)
+	$(check_venv_python)
 
 # Re-install whenever pyproject.toml is newer than the stamp.
 $(STAMP): pyproject.toml
@@ -24,6 +35,7 @@ $(STAMP): pyproject.toml
 		echo "Creating $(VENV) with $(PYTHON)"; \
 		$(PYTHON) -m venv "$(VENV)"; \
 	fi
+	$(check_venv_python)
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check -e '.[test,stress]'
 	@touch "$(STAMP)"
 
@@ -34,6 +46,10 @@ lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 
 test: venv rabbitmq lint
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+# The suite alone (no lint), e.g. on a second interpreter.
+suite: venv rabbitmq
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 stress: venv rabbitmq
@@ -59,5 +75,5 @@ cluster-stop:
 	@scripts/rabbitmq-cluster stop
 
 clean:
-	rm -rf "$(VENV)" build dist .pytest_cache .ruff_cache
+	rm -rf "$(VENV)" build dist .pytest_cache .ruff_cache .mypy_cache
 	find . -path ./.git -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +

@@ -11,7 +11,16 @@ after ``down`` seconds).
 
 Brokers: ``kombu-quorum`` (KombuBroker, quorum queues), ``kombu-classic`` (KombuBroker, classic
 queues) and ``rabbitmq-classic`` (dramatiq's RabbitmqBroker, pika, classic queues: it has no
-quorum option). The bookkeeping (ledger, senders, log watch) is ``fault_helpers``'.
+quorum option). The bookkeeping (ledger, senders, log watch) is ``fault_scenarios``'.
+
+:class:`Cluster` drives ``scripts/rabbitmq-cluster`` and administers the nodes with
+``rabbitmqctl -n NODE`` through it (``scripts/rabbitmq-cluster ctl N ...``), always asking a
+node that is up. Facts used here (RabbitMQ 3.10, checked on the cluster): ``list_connections``
+has no node column (and its JSON pids do not name the node), but its ``port`` is the node's AMQP
+port;
+``list_queues`` gives a quorum queue's ``leader`` and, in its text output, a classic queue's
+``pid`` as ``<kc2@localhost.1701.1234.0>``, which names the node; a quorum queue's leader
+starts on the node of the client that declared it.
 
 Cases: ``kill`` (kill -9 of the node holding the consumer connection and the queue's leader,
 restarted ``down`` s later), ``freeze`` (the same node SIGSTOPped for ``freeze`` s, a short
@@ -22,23 +31,220 @@ deleted on the cluster: the server cancels the consumer, which must declare the 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import logging
+import re
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-import fault_helpers as fh
-from cluster_helpers import NODES, Cluster
 from dramatiq_kombu_broker import KombuBroker
+from stress import fault_scenarios as fh
+from stress import rabbit_admin
+from stress.bounded import run_bounded
 
 now = time.monotonic
-logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "rabbitmq-cluster"
+NODES = (1, 2, 3)
+PREFIX = "kc"
+AMQP_BASE = 5690
+
+_NODE_RE = re.compile(rf"{PREFIX}([1-3])@")
+
+
+class ClusterError(RuntimeError):
+    """The cluster script failed (its output says why)."""
+
+
+def node_index(text: str) -> int:
+    """The node number named in ``text`` (a node name, or a pid like ``<kc2@localhost.1.2.3>``)."""
+    found = _NODE_RE.search(text)
+    if found is None:
+        raise ValueError(f"no cluster node named in {text!r}")
+    return int(found.group(1))
+
+
+class Cluster:
+    """The three nodes; :attr:`down` holds the nodes killed, frozen or stopped through it."""
+
+    def __init__(self, script: Path = SCRIPT) -> None:
+        self.script = script
+        self.down: set[int] = set()
+
+    # -- the script -----------------------------------------------------------------------
+
+    def run(self, *args: str, timeout: float = 240) -> str:
+        try:
+            proc = subprocess.run([str(self.script), *args], capture_output=True, text=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as exc:
+            raise ClusterError(f"{self.script.name} {' '.join(args)} timed out after "
+                               f"{timeout} s") from exc
+        if proc.returncode != 0:
+            raise ClusterError(f"{self.script.name} {' '.join(args)} exited with "
+                               f"{proc.returncode}: {proc.stderr.strip()} {proc.stdout.strip()}")
+        return proc.stdout
+
+    def running(self) -> bool:
+        """All three nodes run as one cluster."""
+        try:
+            self.run("status", timeout=60)
+        except ClusterError:
+            return False
+        return True
+
+    def start(self) -> None:
+        self.run("start")
+        self.down.clear()
+
+    def stop(self) -> None:
+        self.run("stop", timeout=120)
+
+    def kill(self, node: int) -> None:
+        """``kill -9`` of the node's VM (returns once it is gone)."""
+        self.down.add(node)
+        self.run("kill", str(node))
+
+    def freeze(self, node: int) -> None:
+        self.down.add(node)
+        self.run("freeze", str(node))
+
+    def thaw(self, node: int) -> None:
+        self.run("thaw", str(node))
+        self.down.discard(node)
+
+    def restart(self, node: int) -> None:
+        """Bring the node back (after kill, freeze or stop_app) and wait until it runs."""
+        self.run("restart", str(node))
+        self.down.discard(node)
+
+    def stop_app(self, node: int) -> None:
+        self.down.add(node)
+        self.ctl("stop_app", node=node, timeout=120)
+
+    def start_app(self, node: int) -> None:
+        self.ctl("start_app", node=node, timeout=180)
+        self.ctl("await_startup", node=node, timeout=180)
+        self.down.discard(node)
+
+    def heal(self) -> None:
+        """Every node up again (after a test that failed half-way)."""
+        for node in sorted(self.down):
+            self.restart(node)
+
+    # -- addresses ------------------------------------------------------------------------
+
+    @staticmethod
+    def node_name(node: int) -> str:
+        return f"{PREFIX}{node}@localhost"
+
+    @staticmethod
+    def port(node: int) -> int:
+        return AMQP_BASE + node
+
+    def url(self, node: int, vhost: str = "/", *, user: str = "guest",
+            password: str = "guest", query: str = "") -> str:
+        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        url = f"amqp://{credentials}@127.0.0.1:{self.port(node)}/{quote(vhost, safe='')}"
+        return f"{url}?{query}" if query else url
+
+    def urls(self, vhost: str = "/", **kwargs: Any) -> list[str]:
+        return [self.url(node, vhost, **kwargs) for node in NODES]
+
+    # -- administration -------------------------------------------------------------------
+
+    def live_node(self) -> int:
+        for node in NODES:
+            if node not in self.down:
+                return node
+        raise ClusterError("every node of the cluster is down")
+
+    def ctl(self, *args: str, node: int | None = None, timeout: float = 60) -> str:
+        """``rabbitmqctl ARGS`` against ``node`` (default: the first node that is up)."""
+        return self.run("ctl", str(node or self.live_node()), *args, timeout=timeout)
+
+    def rows(self, *args: str, node: int | None = None) -> list[dict[str, Any]]:
+        text = self.ctl(*args, "--formatter", "json", "--quiet", node=node).strip()
+        return json.loads(text) if text else []
+
+    def add_vhost(self, name: str) -> None:
+        self.ctl("add_vhost", name)
+        self.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+
+    def delete_vhost(self, name: str) -> None:
+        self.ctl("delete_vhost", name, timeout=120)
+
+    def connection_nodes(self, vhost: str) -> dict[str, list[int]]:
+        """The node of each connection of ``vhost``, by client connection_name."""
+        result: dict[str, list[int]] = {}
+        for row in self.rows("list_connections", "client_properties", "vhost", "port"):
+            if row.get("vhost") != vhost:
+                continue
+            props = rabbit_admin.table_to_dict(row.get("client_properties"))
+            result.setdefault(str(props.get("connection_name")), []).append(
+                int(row["port"]) - AMQP_BASE)
+        return result
+
+    def queues(self, vhost: str) -> dict[str, dict[str, Any]]:
+        """``list_queues`` of ``vhost`` by name: ``type``, ``messages``, and ``node`` (the
+        quorum leader or the classic queue's node, a node number; None when unknown)."""
+        # The text output, not JSON: JSON shows a pid as #PID<12726.1569.0>, without its node.
+        text = self.ctl("list_queues", "-p", vhost, "name", "type", "messages", "leader", "pid",
+                        "--quiet", "--no-table-headers")
+        result: dict[str, dict[str, Any]] = {}
+        for line in text.splitlines():
+            fields = line.split("\t")
+            if len(fields) < 5:
+                continue
+            name, kind, messages, leader, pid = fields[:5]
+            try:
+                node: int | None = node_index(leader if leader.strip() else pid)
+            except ValueError:
+                node = None
+            result[name] = {"type": kind, "messages": int(messages or 0) if messages.isdigit()
+                            else 0, "node": node}
+        return result
+
+    def queue_node(self, vhost: str, queue: str) -> int | None:
+        return self.queues(vhost).get(queue, {}).get("node")
+
+    def wait_connections(self, vhost: str, names: list[str], timeout: float = 20,
+                         avoid: int | None = None) -> dict[str, list[int]]:
+        """Poll until each of ``names`` has exactly one connection (on a node other than
+        ``avoid``); the last listing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            listing = self.connection_nodes(vhost)
+            if all(len(listing.get(n, [])) == 1 and avoid not in listing[n] for n in names):
+                return listing
+            if time.monotonic() >= deadline:
+                return listing
+            time.sleep(0.3)
+
+    def delete_queue(self, vhost: str, queue: str) -> None:
+        self.ctl("delete_queue", "-p", vhost, queue)
+
+
+# ----------------------------------------------------------------------------- the cases
+
 
 BROKERS = ("kombu-quorum", "kombu-classic", "rabbitmq-classic")
 
@@ -285,7 +491,7 @@ class ClusterRun:
         for action, what in ((lambda: self.worker.stop(timeout=20_000), "worker.stop()"),
                              (self.broker.close, "broker.close()")):
             try:
-                fh.run_bounded(action, 40, what)
+                run_bounded(action, 40, what)
             except AssertionError as exc:
                 if result is not None:
                     result.problems.append(str(exc))
@@ -463,3 +669,142 @@ CASES: dict[str, Case] = {
 def scaled(scale: ClusterScale, **changes: Any) -> ClusterScale:
     return replace(scale, **{k: v for k, v in changes.items() if v is not None})
 
+
+
+ORDER = ["kill", "freeze", "rolling", "cancel", "classic-kill"]
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stress.faults --cluster``: every case with each broker, then the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stress.faults --cluster",
+        description="Node loss under load on the local 3-node cluster (scripts/rabbitmq-cluster, "
+                    "started if it is not running and then stopped at the end).")
+    parser.add_argument("--cases", default=",".join(ORDER), help="comma-separated, of "
+                        f"{','.join(ORDER)} (default: all)")
+    parser.add_argument("--brokers", default="kombu-quorum,rabbitmq-classic",
+                        help=f"comma-separated, of {','.join(BROKERS)} (default %(default)s; "
+                             "classic-kill runs KombuBroker on classic queues)")
+    defaults = SCRIPT_SCALE
+    parser.add_argument("--messages", type=int, default=defaults.messages)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--senders", type=int, default=defaults.senders)
+    parser.add_argument("--rate", type=float, default=defaults.send_rate)
+    parser.add_argument("--down", type=float, default=defaults.down,
+                        help="seconds a killed node stays down (default %(default)s)")
+    parser.add_argument("--freeze", type=float, default=defaults.freeze,
+                        help="seconds a node stays frozen (default %(default)s)")
+    parser.add_argument("--heartbeat", type=float, default=defaults.heartbeat,
+                        help="heartbeat of the freeze case (default %(default)s)")
+    parser.add_argument("--output", type=Path, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    kinds = [k for k in args.brokers.split(",") if k]
+    unknown = [c for c in cases if c not in CASES] + [k for k in kinds if k not in BROKERS]
+    if unknown:
+        parser.error(f"unknown case(s) or broker(s): {unknown}")
+    scale = replace(SCRIPT_SCALE, messages=args.messages, threads=args.threads,
+                    senders=args.senders, send_rate=args.rate, down=args.down,
+                    freeze=args.freeze, heartbeat=args.heartbeat)
+    work_dir = Path(tempfile.mkdtemp(prefix="cluster-faults-"))
+    logging.basicConfig(filename=work_dir / "run.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s %(message)s")
+    progress(f"logs in {work_dir}")
+    cluster = Cluster()
+    started = not cluster.running()
+    if started:
+        progress("starting the local cluster (scripts/rabbitmq-cluster start)")
+        cluster.start()
+    results: list[ClusterResult] = []
+    vhost = f"cluster-faults-{uuid.uuid4().hex[:6]}"
+    try:
+        cluster.add_vhost(vhost)
+        for case in cases:
+            for kind in kinds:
+                progress(f"{case} / {kind}: {scale.messages} messages, {scale.threads} threads")
+                try:
+                    result = CASES[case](cluster, vhost, kind, scale)
+                except Exception as exc:  # noqa: BLE001 - reported as a failed case
+                    logging.exception("case %s / %s failed", case, kind)
+                    cluster.heal()
+                    result = ClusterResult(case, broker=kind,
+                                           problems=[f"{type(exc).__name__}: {exc}"])
+                results.append(result)
+                progress(("ok  " if result.ok else "FAIL") + " "
+                         + result.explain().splitlines()[0] + f" longest send "
+                         f"{result.longest_send:.1f} s")
+                for line in result.explain().splitlines()[1:]:
+                    progress("     " + line)
+        cluster.delete_vhost(vhost)
+    finally:
+        if started:
+            cluster.stop()
+    text = "\n".join([
+        "## Node loss on a 3-node cluster", "",
+        f"{scale.threads} worker threads, {scale.messages} messages per case (streamed by "
+        f"{scale.senders} threads at {scale.send_rate:g}/s, {scale.work_ms:g} ms of work each); "
+        f"recovery: from the fault's start until a message sent after it was accepted and "
+        f"processed.", "", markdown_table(results), "", details_table(results), ""])
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    failed = [r for r in results if not r.ok and r.broker != "rabbitmq-classic"]
+    progress("FAILED" if failed else "KombuBroker passed every case")
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------- python -m stress.bench --cluster
+
+CLUSTER_NOTE = (
+    "On the local 3-node cluster (scripts/rabbitmq-cluster, three RabbitMQ nodes on the same "
+    "2 cores), every broker given the three URLs; 'KombuBroker (quorum queues)' declares "
+    "quorum queues (replicated on the 3 nodes), the others classic queues. Peak connections "
+    "count only those to the first node's port.")
+
+
+def cluster_bench_defaults(args: argparse.Namespace) -> None:
+    """The cluster benchmark's defaults (options the user gave are kept)."""
+    args.brokers = args.brokers or "kombu-quorum,kombu,rabbitmq"
+    args.output = args.output or str(REPO_ROOT / "stress" / "results" / "bench-cluster.md")
+    if args.enqueue_threads is None:
+        args.enqueue_threads = [64]
+    if args.chain_threads is None:
+        args.chain_threads = [50, 300]
+    if args.workloads == "enqueue,drain,chain":
+        args.workloads = "enqueue,chain"
+
+
+def bench_broker(kind: str, url: str, name: str) -> Any:
+    """KombuBroker on quorum queues, as the benchmark's other brokers are built."""
+    assert kind == "kombu-quorum", kind
+    return KombuBroker(url=url, confirm_delivery=True, connection_name=name,
+                       queue_type="quorum")
+
+
+def cluster_url(vhost: str) -> str:
+    """The three nodes' URLs for ``vhost``, ``;``-separated (both brokers accept that)."""
+    return ";".join(Cluster().urls(vhost))
+
+
+@contextlib.contextmanager
+def bench_cluster() -> Iterator[str]:
+    """A fresh vhost on the local cluster (started, and stopped at exit, if not running)."""
+    cluster = Cluster()
+    started = not cluster.running()
+    if started:
+        print("starting the local cluster (scripts/rabbitmq-cluster start)", file=sys.stderr)
+        cluster.start()
+    vhost = f"bench-{uuid.uuid4().hex[:8]}"
+    try:
+        cluster.add_vhost(vhost)
+        try:
+            yield vhost
+        finally:
+            cluster.delete_vhost(vhost)
+    finally:
+        if started:
+            cluster.stop()

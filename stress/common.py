@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import psutil
 
-from tests import rabbit_admin
+from stress import rabbit_admin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"

@@ -5,6 +5,8 @@
     python -m stress.faults --skip restart       # leave the server alone (shared servers)
     python -m stress.faults --loops 50           # resource hygiene over 50 faults
     python -m stress.faults --idle               # a worker idle for 600 s (--idle SECONDS)
+    python -m stress.faults --cluster            # node loss on the local 3-node cluster
+                                                 # (stress/cluster_faults.py, its own options)
 
 Each fault case runs a real dramatiq Worker (64 threads) on KombuBroker while senders stream a
 few thousand messages, each with an id, and injects one fault:
@@ -43,12 +45,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The scenarios are shared with the pytest suite, whose helpers import each other by their
-# plain module names (tests/ is on pytest's path).
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-import fault_helpers as fh  # noqa: E402
+from stress import fault_scenarios as fh
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
@@ -104,6 +101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--cluster" in argv:
+        from stress import cluster_faults
+
+        return cluster_faults.main([a for a in argv if a != "--cluster"])
     args = parse_args(argv)
     scale = replace(fh.SCRIPT_SCALE, messages=args.messages, threads=args.threads,
                     senders=args.senders, burst_senders=args.burst_senders,

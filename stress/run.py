@@ -39,6 +39,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from stress import rabbit_admin
 from stress.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -67,7 +68,6 @@ from stress.workload import (
     split,
     tracker_recorder,
 )
-from tests import rabbit_admin
 
 OUTPUT = RESULTS_DIR / "run.md"
 

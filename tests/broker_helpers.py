@@ -23,8 +23,11 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware.time_limit import TimeLimit
 
-import rabbit_admin
 from dramatiq_kombu_broker import KombuBroker
+from stress import rabbit_admin
+
+# Re-exported for the tests: the fault scenarios of stress/ use it too.
+from stress.bounded import run_bounded as run_bounded
 
 #: Arguments RabbitmqBroker's queues have (dramatiq 2.2, dramatiq_dead_message_ttl unset).
 DEAD_MESSAGE_TTL = 86400000 * 7
@@ -43,30 +46,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
-
-
-def run_bounded(fn: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Run ``fn`` in a daemon thread; raise AssertionError if it does not finish in time.
-
-    A hang in the code under test then fails the test with a message instead of blocking the
-    whole session until pytest-timeout kills it.
-    """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True, name=f"bounded-{what}")
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise AssertionError(f"{what} did not finish within {timeout} s (hung)")
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
 
 
 class Recorder:

@@ -16,9 +16,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import amqp
 import pytest
 
-import rabbit_admin
 from broker_helpers import BrokerEnv
 from cluster_helpers import cluster_vhost, rabbit_cluster  # noqa: F401 - session fixtures
+from stress import rabbit_admin
 from transport_helpers import kombu_connection
 
 _UNREACHABLE_HINT = (
@@ -31,8 +31,26 @@ def _amqp_url_base() -> str:
     return os.environ.get("AMQP_URL") or rabbit_admin.DEFAULT_AMQP_URL
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    """Fail the whole run (exit code 1, never a skip) when RabbitMQ or rabbitmqctl is missing."""
+#: Fixtures through which a test reaches RabbitMQ (``item.fixturenames`` is the closure, so
+#: ``amqp_url``, ``env``, ``connect``... count through ``amqp_url_base`` and ``vhost``).
+SERVER_FIXTURES = frozenset({"amqp_url_base", "vhost", "server_connections",
+                             "wait_for_connections"})
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fail the whole run (exit code 1, never a skip) when RabbitMQ or rabbitmqctl is missing.
+
+    Checked only when a collected test uses the server, so that the pure-logic tests
+    (``pytest tests/test_mailbox.py``) run on a machine without RabbitMQ.
+    """
+    if session.config.option.collectonly:
+        return
+    if any(SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+           for item in session.items):
+        _require_server()
+
+
+def _require_server() -> None:
     url = _amqp_url_base()
     kwargs = rabbit_admin.amqp_connect_kwargs(url)
     conn = amqp.Connection(connect_timeout=5, **kwargs)

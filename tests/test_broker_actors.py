@@ -15,7 +15,6 @@ import pytest
 from dramatiq.errors import QueueJoinTimeout
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-import rabbit_admin
 from broker_helpers import (
     Recorder,
     consumer_channels,
@@ -24,6 +23,7 @@ from broker_helpers import (
     unique,
     wait_until,
 )
+from stress import rabbit_admin
 
 
 def _idle(vhost: str, queue: str) -> dict | None:

@@ -16,7 +16,6 @@ import dramatiq
 import pytest
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-import rabbit_admin
 from broker_helpers import (
     Recorder,
     close_connections_named,
@@ -30,6 +29,7 @@ from broker_helpers import (
     unique,
     wait_until,
 )
+from stress import rabbit_admin
 
 
 def _server_side_names(connection_name: str, vhost: str) -> list[str]:

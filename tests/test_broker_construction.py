@@ -10,9 +10,9 @@ from __future__ import annotations
 import dramatiq
 import pytest
 
-import rabbit_admin
 from broker_helpers import DEAD_MESSAGE_TTL, unique
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
+from stress import rabbit_admin
 
 # ---------------------------------------------------------------------------- invalid options
 

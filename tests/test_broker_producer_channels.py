@@ -12,9 +12,9 @@ import threading
 import dramatiq
 import pytest
 
-import rabbit_admin
 from broker_helpers import Recorder, pool_in_use, run_bounded, unique, wait_until
 from dramatiq_kombu_broker import QueueArgumentsMismatch
+from stress import rabbit_admin
 
 SENDERS = 8
 SENDS = 50

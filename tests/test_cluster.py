@@ -33,3 +33,4 @@ def test_classic_queue_node_killed_logs_queue_and_node_and_loses_nothing(
     result = cf.classic_kill_case(rabbit_cluster, cluster_vhost, "kombu-classic", SCALE)
     check(result)
     assert any("logged:" in note and "home node" in note for note in result.notes), result.notes
+

@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit
 import amqp
 import pytest
 
-import rabbit_admin
+from stress import rabbit_admin
 
 
 def test_session_vhost_exists_and_url_points_at_it(vhost, amqp_url):

@@ -8,8 +8,8 @@ took, and how many duplicates the at-least-once delivery produced (reported, not
 All cases connect as a dedicated user whose password is distinctive, with DEBUG logging on:
 the password must appear in no log line (nor in the CLI's output).
 
-The scenarios live in ``fault_helpers`` and are shared with ``python -m stress.faults``, which
-runs them at full scale (64 threads, a few thousand messages) and prints the README table.
+The scenarios live in ``stress.fault_scenarios``; ``python -m stress.faults`` runs them at full
+scale (64 threads, a few thousand messages) and prints the README table.
 
 The server restart case restarts the whole RabbitMQ node (every client of it is disconnected).
 It runs by default; ``RELIABILITY_RESTART=0`` skips it on a server other people use.
@@ -21,7 +21,7 @@ import os
 
 import pytest
 
-import fault_helpers as fh
+from stress import fault_scenarios as fh
 
 pytestmark = pytest.mark.timeout(240)
 

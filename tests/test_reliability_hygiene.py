@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-import fault_helpers as fh
+from stress import fault_scenarios as fh
 from transport_helpers import kombu_connection
 
 LOOPS = 4

@@ -19,10 +19,10 @@ import pytest
 from dramatiq import Message
 from dramatiq.errors import ConnectionClosed
 
-import fault_helpers as fh
-import rabbit_admin
 from broker_helpers import raw_channel, run_bounded
 from dramatiq_kombu_broker import KombuBroker
+from stress import fault_scenarios as fh
+from stress import rabbit_admin
 
 CONNECT_TIMEOUT = 2
 #: A connection error must come within this many seconds (one connect timeout for the

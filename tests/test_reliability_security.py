@@ -23,10 +23,10 @@ import pytest
 from dramatiq import Message
 from dramatiq.errors import ConnectionClosed
 
-import fault_helpers as fh
-import rabbit_admin
 from broker_helpers import run_bounded
 from dramatiq_kombu_broker import KombuBroker
+from stress import fault_scenarios as fh
+from stress import rabbit_admin
 from transport_helpers import have_openssl, make_tls_files, server_tls_context
 
 

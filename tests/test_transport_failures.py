@@ -15,7 +15,7 @@ import kombu
 import pytest
 
 import kombu_pyamqp_threadsafe as ts
-import rabbit_admin
+from stress import rabbit_admin
 from transport_helpers import (
     Proxy,
     Worker,

@@ -19,7 +19,7 @@ from amqp import spec
 from amqp.exceptions import NotFound
 
 import kombu_pyamqp_threadsafe as ts
-import rabbit_admin
+from stress import rabbit_admin
 from transport_helpers import Worker, join_all, start_all
 
 MiB = 1024 * 1024

@@ -1,24 +1,21 @@
 """Shared helpers for the ``test_transport_*`` suites (real RabbitMQ, no mocks).
 
-* :class:`Proxy`: a TCP proxy on 127.0.0.1 in front of the server that can stop forwarding
-  (a silent peer) or cut every connection; with an ``ssl.SSLContext`` it terminates TLS.
+* :class:`Proxy` (from ``stress.tcp_proxy``): a TCP proxy on 127.0.0.1 in front of the server
+  that can stop forwarding (a silent peer) or cut every connection; with an ``ssl.SSLContext``
+  it terminates TLS.
 * :func:`make_tls_files`: a throw-away CA and a ``localhost`` server certificate (openssl CLI).
 * :class:`Worker`: a daemon thread that records its result, its exception and when it raised.
-* :func:`open_fds` / :func:`settled`: leak accounting.
+* :func:`open_fds` (from ``stress.resources``) / :func:`settled`: leak accounting.
 """
 
 from __future__ import annotations
 
-import os
-import select
 import shutil
-import socket
 import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,7 +25,9 @@ from amqp.serialization import dumps
 
 import kombu_pyamqp_threadsafe as ts
 
-AMQP_TARGET = ("127.0.0.1", 5672)
+# Re-exported for the tests: the fault scenarios of stress/ use them too.
+from stress.resources import open_fds as open_fds
+from stress.tcp_proxy import Proxy as Proxy
 
 
 def kombu_connection(url: str, name: str, **kwargs: Any) -> ts.KombuConnection:
@@ -92,10 +91,6 @@ def join_all(workers: list[threading.Thread], timeout: float) -> list[threading.
 # ------------------------------------------------------------------------------------ accounting
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def settled(measure: Callable[[], int], limit: int, timeout: float = 5.0) -> int:
     """Poll ``measure()`` until it is <= ``limit`` (threads and sockets end asynchronously)."""
     deadline = time.monotonic() + timeout
@@ -104,162 +99,6 @@ def settled(measure: Callable[[], int], limit: int, timeout: float = 5.0) -> int
         if value <= limit or time.monotonic() >= deadline:
             return value
         time.sleep(0.05)
-
-
-# -------------------------------------------------------------------------------------- proxy
-
-
-class _Pipe:
-    """One proxied connection: a client socket and its upstream socket, one thread."""
-
-    def __init__(self, proxy: Proxy, client: socket.socket) -> None:
-        self.proxy = proxy
-        self.client = client
-        self.upstream: socket.socket | None = None
-        self.closed = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self.thread = threading.Thread(target=self._run, name="test-proxy-pipe", daemon=True)
-
-    def wake(self) -> None:
-        with suppress(OSError):
-            self._wake_w.send(b"x")
-
-    def _run(self) -> None:
-        try:
-            self._forward()
-        except (OSError, ValueError):
-            pass
-        finally:
-            self._close_sockets()
-            self.proxy._forget(self)
-
-    def _forward(self) -> None:
-        proxy = self.proxy
-        client = self.client
-        if proxy.tls is not None:
-            client.settimeout(10)
-            client = self.client = proxy.tls.wrap_socket(client, server_side=True)
-            client.settimeout(None)
-        self.upstream = upstream = socket.create_connection(proxy.target, timeout=10)
-        upstream.settimeout(None)
-        peer = {client: upstream, upstream: client}
-        while not self.closed.is_set():
-            if proxy.paused.is_set():
-                # A silent peer: read nothing, write nothing, keep both sockets open.
-                self.closed.wait()
-                return
-            pending = getattr(client, "pending", None)
-            if pending is not None and pending():
-                readable = [client]
-            else:
-                readable, _, _ = select.select([client, upstream, self._wake_r], [], [])
-            if self._wake_r in readable:
-                with suppress(OSError):
-                    self._wake_r.recv(4096)
-                continue
-            for sock in readable:
-                if proxy.paused.is_set():
-                    break
-                data = sock.recv(256 * 1024)
-                if not data:
-                    return
-                peer[sock].sendall(data)
-
-    def close(self) -> None:
-        self.closed.set()
-        self.wake()
-        # Shutting down makes both ends see EOF now, even if the thread is blocked.
-        for sock in (self.client, self.upstream):
-            if sock is not None:
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def _close_sockets(self) -> None:
-        self.closed.set()
-        for sock in (self.client, self.upstream, self._wake_r, self._wake_w):
-            if sock is not None:
-                with suppress(OSError):
-                    sock.close()
-
-
-class Proxy:
-    """A TCP proxy on 127.0.0.1 in front of ``target`` (one thread per connection).
-
-    ``pause()`` stops forwarding in both directions while keeping every socket open (the
-    client then sees a silent peer); ``kill()`` cuts every forwarded connection; ``close()``
-    stops the proxy. With ``tls`` (a server-side ``ssl.SSLContext``) it terminates TLS.
-    """
-
-    def __init__(self, target: tuple[str, int] = AMQP_TARGET,
-                 tls: ssl.SSLContext | None = None) -> None:
-        self.target = target
-        self.tls = tls
-        self.paused = threading.Event()
-        self._lock = threading.Lock()
-        self._pipes: set[_Pipe] = set()
-        self.accepted = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._stopped = False
-        self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
-        self._thread.start()
-
-    def __enter__(self) -> Proxy:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def _accept(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if self._stopped:
-                client.close()
-                return
-            pipe = _Pipe(self, client)
-            with self._lock:
-                self._pipes.add(pipe)
-                self.accepted += 1
-            pipe.thread.start()
-
-    def _forget(self, pipe: _Pipe) -> None:
-        with self._lock:
-            self._pipes.discard(pipe)
-
-    @property
-    def active(self) -> int:
-        with self._lock:
-            return len(self._pipes)
-
-    def pause(self) -> None:
-        self.paused.set()
-        with self._lock:
-            pipes = list(self._pipes)
-        for pipe in pipes:
-            pipe.wake()
-
-    def kill(self) -> None:
-        with self._lock:
-            pipes = list(self._pipes)
-        for pipe in pipes:
-            pipe.close()
-
-    def close(self) -> None:
-        self._stopped = True
-        with suppress(OSError):  # wakes the thread blocked in accept() (close() would not)
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._thread.join(5)
-        with suppress(OSError):
-            self._listener.close()
-        self.kill()
-        self._thread.join(5)
-        with self._lock:
-            pipes = list(self._pipes)
-        for pipe in pipes:
-            pipe.thread.join(5)
 
 
 # ---------------------------------------------------------------------------------------- TLS

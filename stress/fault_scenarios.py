@@ -1,7 +1,7 @@
 """Fault scenarios for KombuBroker under load, against the real RabbitMQ (no mocks).
 
-Shared by ``tests/test_reliability_*.py`` (small scale) and ``python -m stress.faults`` (the
-full scale, and the table in the README). Each scenario runs a real ``dramatiq.Worker`` (or the
+Run by ``python -m stress.faults`` (the full scale, and the table in the README) and by
+``tests/test_reliability_*.py`` (small scale). Each scenario runs a real ``dramatiq.Worker`` (or the
 real ``dramatiq`` CLI) on a KombuBroker, streams messages that each carry a unique integer id,
 injects one kind of fault, and returns a :class:`FaultResult`:
 
@@ -51,13 +51,13 @@ import dramatiq
 from dramatiq import Message
 from dramatiq.middleware import Middleware
 
-import rabbit_admin
-from broker_helpers import run_bounded
 from dramatiq_kombu_broker import KombuBroker
-from transport_helpers import Proxy, open_fds
+from stress import rabbit_admin
+from stress.bounded import run_bounded
+from stress.resources import open_fds
+from stress.tcp_proxy import Proxy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = REPO_ROOT / "tests"
 DRAMATIQ_CLI = Path(sys.executable).with_name("dramatiq")
 
 #: Ids of the probe messages sent right after a fault ends (regular ids count from 0).
@@ -1032,7 +1032,7 @@ def channel_close_case(ctx: Context, queues: int = 3) -> FaultResult:
 
 
 def cli_broker() -> None:
-    """Entry point for ``dramatiq fault_helpers:cli_broker`` (the SIGTERM case).
+    """Entry point for ``dramatiq stress.fault_scenarios:cli_broker`` (the SIGTERM case).
 
     Environment: FAULT_URL, FAULT_QUEUE, FAULT_NAME (connection name prefix), FAULT_RECORDS
     (file every processing is appended to as ``id pid time``), FAULT_WORK_MS.
@@ -1103,21 +1103,21 @@ class RecordsFile:
 
 
 class CliWorker:
-    """One run of ``dramatiq fault_helpers:cli_broker -p P -t T -Q queue``."""
+    """One run of ``dramatiq stress.fault_scenarios:cli_broker -p P -t T -Q queue``."""
 
     def __init__(self, ctx: Context, queue: str, name: str, records: Path, log: Path) -> None:
         environ = {
             **os.environ,
             "FAULT_URL": ctx.url, "FAULT_QUEUE": queue, "FAULT_NAME": name,
             "FAULT_RECORDS": str(records), "FAULT_WORK_MS": str(ctx.scale.work_ms),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), str(REPO_ROOT),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                         os.environ.get("PYTHONPATH")])),
         }
         self.log = log
         self.started_at = time.time()
         with log.open("ab") as output:
             self.process = subprocess.Popen(
-                [str(DRAMATIQ_CLI), "fault_helpers:cli_broker", "-p",
+                [str(DRAMATIQ_CLI), "stress.fault_scenarios:cli_broker", "-p",
                  str(ctx.scale.cli_processes), "-t", str(ctx.scale.threads), "-Q", queue, "-v"],
                 cwd=REPO_ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT,
             )
