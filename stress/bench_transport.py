@@ -20,18 +20,30 @@ RabbitMQ 3.x stops accepting handshakes once its socket limit is reached (832 wi
 that needs more connections than the server has to spare is skipped and shown as such
 (``--force-over-socket-limit`` runs it anyway).
 
+With ``--tls`` every connection is ``amqps://`` through a local TLS endpoint (``socat``, one
+process per connection, in front of the server; a throw-away CA made by the openssl CLI), the
+certificate and host name verified by both variants.
+
     python -m stress.bench_transport [--repeat 3] [--threads 1,10,100,900] [--messages N]
+    python -m stress.bench_transport --tls [...]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from stress.common import (
     RESULTS_DIR,
@@ -56,6 +68,7 @@ from stress.common import (
 
 MODULE = "stress.bench_transport"
 OUTPUT = RESULTS_DIR / "bench_transport.md"
+OUTPUT_TLS = RESULTS_DIR / "bench_transport_tls.md"
 
 
 # ------------------------------------------------------------------------------- one case (child)
@@ -109,6 +122,8 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     from kombu_pyamqp_threadsafe import KombuConnection
 
     url: str = case["url"]
+    admin_url: str = case.get("admin_url", url)
+    tls: dict[str, Any] | None = case.get("ssl")
     variant: str = case["variant"]
     threads: int = case["threads"]
     confirm: bool = case["confirm"]
@@ -119,7 +134,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     idle_queue = f"{queue}-idle"
     name = f"bench-transport-{variant}"
     options = {"confirm_publish": confirm, "client_properties": {"connection_name": name}}
-    _declare(url, queue, idle_queue)
+    _declare(admin_url, queue, idle_queue)
 
     sampler = ProcessSampler(amqp_port(url)).start()
     counts = _split(case["messages"], threads)
@@ -138,7 +153,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         barrier.abort()
 
     if variant == "shared":
-        shared = KombuConnection(url, transport_options=options)
+        shared = KombuConnection(url, transport_options=options, ssl=tls)
         shared.ensure_connection(max_retries=3)
         pool = shared.default_channel_pool
 
@@ -170,7 +185,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
                 fail(exc)
     else:
         def worker(count: int) -> None:
-            conn = kombu.Connection(url, transport_options=options,
+            conn = kombu.Connection(url, transport_options=options, ssl=tls,
                                     connect_timeout=setup_timeout)
             try:
                 conn.ensure_connection(max_retries=3)
@@ -219,7 +234,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     sampler.stop()
     if shared is not None:
         shared.release()
-    _delete(url, queue, idle_queue)
+    _delete(admin_url, queue, idle_queue)
 
     published = len(latencies)
     result.update(latency_summary(latencies))
@@ -236,6 +251,41 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         first = errors[0] if errors else f"published {published} of {case['messages']}"
         result["error"] = f"{len(errors)} thread(s) failed; first: {first}"
     return result
+
+
+# ------------------------------------------------------------------------------ TLS endpoint
+
+
+@contextlib.contextmanager
+def tls_endpoint(target: tuple[str, int]) -> Any:
+    """A ``socat`` TLS endpoint on 127.0.0.1 in front of ``target`` (a process per connection)
+    with a throw-away CA; yields ``(port, ca_path)``."""
+    from tests.transport_helpers import make_tls_files
+
+    if shutil.which("socat") is None:
+        raise SystemExit("--tls needs socat (apt-get install socat) and the openssl CLI")
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as directory:
+        files = make_tls_files(Path(directory))
+        with socket.socket() as probe:  # a free ephemeral port
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        proc = subprocess.Popen(
+            ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,"
+             f"cert={files['cert']},key={files['key']},verify=0",
+             f"TCP:{target[0]}:{target[1]}"], stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", port), timeout=1):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"socat did not start (exit status {proc.poll()})")
+                time.sleep(0.05)
+            yield port, files["ca"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
 
 # ----------------------------------------------------------------------------------- the table
@@ -303,9 +353,14 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
             "the usual `ulimit -n` 1024), stalling every client of the server; raise the limit "
             "(e.g. `ulimit -n 65536` before `rabbitmq-server` starts) and pass "
             "`--force-over-socket-limit` to run those cases.")
+    if args.tls:
+        notes.append(
+            "Over TLS: `amqps://` through a local `socat` TLS endpoint (one process per "
+            "connection) in front of the server, certificate and host name verified in both "
+            "variants.")
     notes.append(f"Machine: {machine_line()}.")
     return (
-        "# Transport publish benchmark\n\n"
+        f"# Transport publish benchmark{' over TLS' if args.tls else ''}\n\n"
         f"`python -m {MODULE} {' '.join(args.argv)}`\n\n"
         + table + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     )
@@ -339,7 +394,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds to open connections/channels in a case (default 60)")
     parser.add_argument("--force-over-socket-limit", action="store_true",
                         help="run plain cases even when they exceed the server's spare sockets")
-    parser.add_argument("--output", default=str(OUTPUT), help="markdown output file")
+    parser.add_argument("--tls", action="store_true",
+                        help="amqps:// through a local socat TLS endpoint")
+    parser.add_argument("--output", help="markdown output file (default "
+                        f"{OUTPUT.name}, with --tls {OUTPUT_TLS.name}, in {RESULTS_DIR})")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -347,6 +405,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if set(args.variants) - {"shared", "plain"}:
         parser.error("--variants takes shared and/or plain")
     args.confirm_modes = {"both": [False, True], "on": [True], "off": [False]}[args.confirm]
+    if args.output is None:
+        args.output = str(OUTPUT_TLS if args.tls else OUTPUT)
     return args
 
 
@@ -367,8 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     total = args.repeat * len(args.confirm_modes) * len(args.threads) * len(args.variants)
     done = 0
     started = time.monotonic()
-    with dedicated_vhost("transport") as vhost:
-        url = url_for_vhost(base_url(), vhost)
+    with contextlib.ExitStack() as stack:
+        vhost = stack.enter_context(dedicated_vhost("transport"))
+        admin_url = url = url_for_vhost(base_url(), vhost)
+        tls = None
+        if args.tls:
+            parts = urlsplit(base_url())
+            port, ca = stack.enter_context(tls_endpoint(
+                (parts.hostname or "127.0.0.1", parts.port or 5672)))
+            url = url_for_vhost(f"amqps://{parts.username}:{parts.password}@localhost:{port}/",
+                                vhost)
+            tls = {"ca_certs": ca, "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "localhost"}
         print(f"vhost {vhost}; {total} case runs", file=sys.stderr)
         for rep in range(args.repeat):
             for confirm in args.confirm_modes:
@@ -378,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                     for variant in order:
                         done += 1
                         case = {
-                            "url": url, "variant": variant, "threads": threads,
+                            "url": url, "admin_url": admin_url, "ssl": tls,
+                            "variant": variant, "threads": threads,
                             "confirm": confirm,
                             "messages": args.messages_confirm if confirm else args.messages,
                             "body_size": args.body_size, "persistent": args.persistent,
@@ -403,8 +473,6 @@ def main(argv: list[str] | None = None) -> int:
                               file=sys.stderr, flush=True)
     text = render(args, results)
     print(text)
-    from pathlib import Path
-
     write_result(Path(args.output), text)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -45,7 +45,9 @@ class _Pipe:
         client = self.client
         if proxy.tls is not None:
             client.settimeout(10)
-            client = self.client = proxy.tls.wrap_socket(client, server_side=True)
+            # A TCP end without close_notify raises (SSLEOFError), so the two ends differ.
+            client = self.client = proxy.tls.wrap_socket(client, server_side=True,
+                                                         suppress_ragged_eofs=False)
             client.settimeout(None)
         self.upstream = upstream = socket.create_connection(proxy.target, timeout=10)
         upstream.settimeout(None)
@@ -67,10 +69,34 @@ class _Pipe:
             for sock in readable:
                 if proxy.paused.is_set():
                     break
-                data = sock.recv(256 * 1024)
+                try:
+                    data = sock.recv(256 * 1024)
+                except ssl.SSLEOFError:
+                    proxy.tls_endings.append("ragged")
+                    raise
                 if not data:
+                    if proxy.tls is not None:
+                        self._client_tls_ending(client, sock is client)
                     return
                 peer[sock].sendall(data)
+
+    def _client_tls_ending(self, client: ssl.SSLSocket, client_ended: bool) -> None:
+        """Record how the TLS client ended: "close_notify", "ragged" (TCP end without it) or
+        "open" (nothing within 5 s). The server usually closes first (after Close-Ok): then
+        the rest of what the client sends is read and dropped until it ends."""
+        ending = "close_notify"
+        if not client_ended:
+            client.settimeout(5)
+            try:
+                while client.recv(256 * 1024):
+                    pass
+            except ssl.SSLEOFError:
+                ending = "ragged"
+            except TimeoutError:
+                ending = "open"
+            except OSError as exc:
+                ending = f"error: {exc!r}"
+        self.proxy.tls_endings.append(ending)
 
     def close(self) -> None:
         self.closed.set()
@@ -105,6 +131,8 @@ class Proxy:
         self._lock = threading.Lock()
         self._pipes: set[_Pipe] = set()
         self.accepted = 0
+        #: How each TLS client connection ended (see _Pipe._client_tls_ending).
+        self.tls_endings: list[str] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._stopped = False

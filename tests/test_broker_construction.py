@@ -1,16 +1,22 @@
 """KombuBroker construction and queue topology, against the real RabbitMQ.
 
-Construction: invalid options fail at once, naming the argument; a broker opens no connection
-until it is used; its repr never shows a password. Topology: the queues are exactly those
-RabbitmqBroker declares, so either broker can take over the other's queues.
+Construction: RabbitmqBroker's arguments (url, parameters, pika keyword parameters) map onto
+the connection the transport opens; invalid options fail at once, naming the argument; a
+broker opens no connection until it is used; its repr never shows a password. Topology: the
+queues are exactly those RabbitmqBroker declares, so either broker can take over the other's.
 """
 
 from __future__ import annotations
 
-import dramatiq
-import pytest
+import ssl
+from urllib.parse import urlsplit
 
-from broker_helpers import DEAD_MESSAGE_TTL, unique
+import dramatiq
+import pika
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+from broker_helpers import DEAD_MESSAGE_TTL, Recorder, unique
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
 from stress import rabbit_admin
 
@@ -63,6 +69,187 @@ def test_url_that_is_not_amqp_raises_value_error_naming_url(url):
 def test_url_of_wrong_type_raises_value_error():
     with pytest.raises(ValueError, match="url"):
         KombuBroker(url=5672)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------- RabbitmqBroker's arguments
+
+
+def _built(**arguments):
+    """The (unconnected) producer connection of a KombuBroker made with ``arguments``."""
+    broker = KombuBroker(**arguments)
+    connection = broker.producer_connection
+    broker.close()
+    return broker, connection
+
+
+def test_pika_keyword_parameters_map_to_the_connection():
+    broker, connection = _built(
+        host="rabbit.example", port=5673, virtual_host="jobs/eu",
+        credentials=pika.PlainCredentials("app", "p@ss:w/rd%"), heartbeat=15,
+        socket_timeout=4, connection_attempts=3, retry_delay=0.5,
+        blocked_connection_timeout=12, client_properties={"product": "billing"},
+        connection_name="billing",
+    )
+    assert (connection.hostname, connection.port) == ("rabbit.example", 5673)
+    assert (connection.userid, connection.password) == ("app", "p@ss:w/rd%")
+    assert connection.virtual_host == "jobs/eu"
+    assert connection.heartbeat == 15
+    assert connection.connect_timeout == 4
+    assert not connection.ssl
+    assert connection.transport_options["client_properties"] == {
+        "product": "billing", "connection_name": "billing-producer"}
+    settings = broker.settings
+    assert (settings.connection_attempts, settings.retry_delay) == (3, 0.5)
+    assert settings.blocked_timeout == 12
+    assert "p@ss" not in repr(broker) and "p%40ss" not in repr(broker)
+
+
+def test_pika_defaults_and_credentials_pair():
+    broker, connection = _built(host="127.0.0.1", credentials=("u", "p"))
+    assert (connection.hostname, connection.port) == ("127.0.0.1", 5672)
+    assert (connection.userid, connection.password, connection.virtual_host) == ("u", "p", "/")
+    assert broker.settings.heartbeat == 60
+    assert broker.settings.blocked_timeout == 30.0
+    assert broker.confirm_delivery is True  # RabbitmqBroker's default is False
+
+
+def test_ssl_options_connect_with_amqps_on_5671():
+    options = {"ca_certs": "/etc/ssl/ca.pem", "server_hostname": "rabbit.example"}
+    _, connection = _built(host="rabbit.example", ssl_options=options)
+    assert urlsplit(connection.as_uri()).scheme == "amqps"
+    assert connection.port == 5671
+    assert connection.ssl == options
+    _, connection = _built(host="rabbit.example", ssl_options=True)
+    assert urlsplit(connection.as_uri()).scheme == "amqps"
+
+
+def test_parameters_list_is_a_failover_list():
+    broker, connection = _built(parameters=[
+        {"host": "node-a", "credentials": ("u", "p"), "virtual_host": "v", "heartbeat": 5},
+        {"host": "node-b", "port": 5673, "credentials": pika.PlainCredentials("u", "p"),
+         "virtual_host": "v", "heartbeat": 5},
+    ])
+    assert (connection.hostname, connection.port, connection.virtual_host) == ("node-a", 5672, "v")
+    assert [urlsplit(url).hostname for url in connection.alt] == ["node-a", "node-b"]
+    assert urlsplit(connection.alt[1]).port == 5673
+    assert broker.settings.heartbeat == 5
+
+
+def test_url_query_parameters_are_read_as_pika_reads_them():
+    broker, connection = _built(
+        url="amqp://u:p@host-a:5672/v?heartbeat=20&connection_attempts=4&retry_delay=0.25"
+            "&socket_timeout=3&blocked_connection_timeout=9")
+    assert (connection.hostname, connection.virtual_host) == ("host-a", "v")
+    assert broker.settings.urls == ["amqp://u:p@host-a:5672/v"]
+    assert connection.heartbeat == 20
+    assert connection.connect_timeout == 3
+    settings = broker.settings
+    assert (settings.connection_attempts, settings.retry_delay, settings.blocked_timeout) == (
+        4, 0.25, 9)
+
+
+def test_heartbeat_may_be_combined_with_a_url():
+    _, connection = _built(url="amqp://u:p@h:5672/", heartbeat=7)
+    assert connection.heartbeat == 7
+
+
+def test_rabbitmq_broker_raises_runtime_error_when_url_is_mixed(amqp_url):
+    """The reference: KombuBroker must fail the same way for the same arguments."""
+    with pytest.raises(RuntimeError):
+        RabbitmqBroker(url=amqp_url, host="127.0.0.1")
+    with pytest.raises(RuntimeError):
+        RabbitmqBroker(parameters=[{"host": "127.0.0.1"}], port=5672)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "names"),
+    [
+        ({"url": "amqp://h/", "host": "h"}, "host"),
+        ({"url": "amqp://h/", "credentials": ("u", "p")}, "credentials"),
+        ({"url": "amqp://h/", "blocked_connection_timeout": 3}, "blocked_connection_timeout"),
+        ({"url": "amqp://h/", "parameters": [{"host": "h"}]}, "parameters"),
+        ({"parameters": [{"host": "h"}], "virtual_host": "v"}, "virtual_host"),
+    ],
+)
+def test_mixing_url_parameters_and_keywords_raises_runtime_error(arguments, names):
+    with pytest.raises(RuntimeError, match=names):
+        KombuBroker(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "argument"),
+    [
+        ({"port": 0}, "port"),
+        ({"port": "5672"}, "port"),
+        ({"host": "a/b"}, "host"),
+        ({"virtual_host": 3}, "virtual_host"),
+        ({"credentials": ("only-user",)}, "credentials"),
+        ({"credentials": pika.credentials.ExternalCredentials()}, "credentials"),
+        ({"heartbeat": -1}, "heartbeat"),
+        ({"connection_attempts": 0}, "connection_attempts"),
+        ({"retry_delay": -1}, "retry_delay"),
+        ({"blocked_connection_timeout": 0}, "blocked_timeout"),
+        ({"socket_timeout": 3, "connect_timeout": 4}, "socket_timeout"),
+        ({"ssl_options": pika.SSLOptions(ssl.create_default_context())}, "ssl_options"),
+        ({"ssl_options": "yes"}, "ssl_options"),
+        ({"ssl_options": True, "ssl": {"ca_certs": "/ca.pem"}}, "ssl_options"),
+        ({"client_properties": {"capabilities": {}}}, "capabilities"),
+        ({"client_properties": {"connection_name": "a"}, "connection_name": "b"},
+         "connection_name"),
+        ({"parameters": []}, "parameters"),
+        ({"parameters": {"host": "h"}}, "parameters"),
+        ({"parameters": [{"host": "h", "frame_max": 8192}]}, "frame_max"),
+        ({"parameters": [{"host": "h", "channel_max": 8}]}, r"parameters\[0\]\.channel_max"),
+        ({"parameters": [{"heartbeat": 5}, {"heartbeat": 6}]}, r"parameters\[1\]\.heartbeat"),
+        ({"parameters": [{"heartbeat": lambda conn, proposed: 5}]}, "heartbeat"),
+        ({"url": "amqp://h/?frame_max=8192"}, "frame_max"),
+        ({"url": "amqp://h/?heartbeat=soon"}, "heartbeat"),
+        ({"url": "amqp://h/?heartbeat=5", "heartbeat": 6}, "heartbeat"),
+    ],
+)
+def test_pika_parameter_that_cannot_map_raises_value_error_naming_it(arguments, argument):
+    with pytest.raises(ValueError, match=argument):
+        KombuBroker(**arguments)
+
+
+def test_pika_style_construction_sends_and_consumes(env, vhost):
+    """dramatiq's docs build ``RabbitmqBroker(host=...)``: the same call works unchanged."""
+    broker = env.broker(url=None, host="127.0.0.1", port=5672, virtual_host=vhost,
+                        credentials=pika.PlainCredentials("guest", "guest"), heartbeat=30)
+    queue = unique()
+    seen = Recorder()
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def record(n):
+        seen.add(n)
+
+    env.worker(broker, threads=2)
+    for n in range(5):
+        record.send(n)
+    assert seen.wait(5, timeout=20), seen.snapshot()
+    assert sorted(seen.snapshot()) == list(range(5))
+
+
+def test_parameters_list_and_pair_credentials_connect(env, vhost, server_connections):
+    broker = env.broker(url=None, connection_name=None, parameters=[
+        {"host": "127.0.0.1", "virtual_host": vhost, "credentials": ("guest", "guest"),
+         "client_properties": {"connection_name": f"{env.connection_name}-params"}},
+    ])
+    queue = unique()
+    broker.declare_queue(queue, ensure=True)
+    assert server_connections.wait(f"{env.connection_name}-params-producer", 1,
+                                   vhost=vhost) == 1
+    assert broker.get_queue_message_counts(queue) == (0, 0, 0)
+
+
+def test_url_query_heartbeat_reaches_the_server(env, amqp_url):
+    """pika's query parameters are read by the broker (kombu alone silently drops
+    blocked_connection_timeout)."""
+    broker = env.broker(url=f"{amqp_url}?heartbeat=5&blocked_connection_timeout=20")
+    broker.declare_queue(unique(), ensure=True)
+    # The heartbeat the client proposed and the server accepted in connection.tune-ok.
+    assert broker.producer_connection.connection.heartbeat == 5
+    assert broker.settings.blocked_timeout == 20
 
 
 # ------------------------------------------------------------------------------------ laziness
@@ -213,3 +400,10 @@ def test_consumer_on_mismatched_queue_fails_without_leaking_its_channel(env, vho
     assert open_channels == []
     name = f"{env.connection_name}-consumer"
     assert rabbit_admin.count_channels(vhost=vhost, connection_name=name) == 0
+
+
+def test_ipv6_host_and_odd_names_survive_the_url():
+    _, connection = _built(host="::1", virtual_host="a b/%c", credentials=("us er", "p:w@/"))
+    assert (connection.hostname, connection.port) == ("::1", 5672)
+    assert (connection.virtual_host, connection.userid, connection.password) == (
+        "a b/%c", "us er", "p:w@/")

@@ -25,6 +25,7 @@ from dramatiq.errors import ConnectionClosed
 
 from broker_helpers import run_bounded
 from dramatiq_kombu_broker import KombuBroker
+from kombu_pyamqp_threadsafe.tls import TLSSocket
 from stress import fault_scenarios as fh
 from stress import rabbit_admin
 from transport_helpers import have_openssl, make_tls_files, server_tls_context
@@ -241,7 +242,7 @@ def _round_trip(url: str, verified: bool = True, **options) -> KombuBroker:
         assert seen == ["over tls"]
         for connection in (broker.producer_connection, broker.consumer_connection):
             sock = connection.connection.transport.sock
-            assert isinstance(sock, ssl.SSLSocket)
+            assert isinstance(sock, TLSSocket)
             # getpeercert() is empty unless the certificate was verified.
             assert bool(sock.getpeercert()) is verified
     finally:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import random
+import select
+import socket
 import ssl
+import subprocess
 import threading
 import time
 from contextlib import suppress
@@ -15,6 +20,7 @@ import pytest
 
 import kombu_pyamqp_threadsafe as ts
 from kombu_pyamqp_threadsafe.connection import SSLTransport as SharedSSLSocketTransport
+from kombu_pyamqp_threadsafe.tls import TLSSocket
 from transport_helpers import (
     Proxy,
     Worker,
@@ -55,7 +61,7 @@ def test_amqps_with_many_threads(tls_files, tls_proxy, vhost, connection_name, q
         conn.ensure_connection(max_retries=3)
         transport = conn.connection.transport
         assert isinstance(transport, SharedSSLSocketTransport)
-        assert isinstance(transport.sock, ssl.SSLSocket)
+        assert isinstance(transport.sock, TLSSocket)
         assert transport.sock.getpeercert()["subject"] == ((("commonName", "localhost"),),)
         assert server_connections(connection_name) == 1
 
@@ -245,3 +251,381 @@ def assert_certificate_refused(conn) -> None:
         chain.append(error)
         error = error.__cause__ or error.__context__
     assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain), chain
+
+
+# ------------------------------------------------------------- one TLS object, one thread at a time
+
+
+def _load(conn, queue_name, publishers, per_publisher, consumers=4, timeout=60):
+    """``publishers`` threads publish with confirms (each on its own channel) while
+    ``consumers`` threads consume and ack on the same connection. Bodies of mixed sizes, some
+    spanning several frames; each carries the SHA-256 of the rest. Returns the ids received
+    and the ids of bodies that arrived damaged."""
+    total = publishers * per_publisher
+    main = conn.default_channel
+    main.queue_declare(queue_name, auto_delete=False)
+    received, damaged = [], []
+    ready = threading.Barrier(consumers + 1)
+
+    def consumer():
+        channel = conn.channel()
+        channel.basic_qos(0, 200, False)
+
+        def on_message(message):
+            body = message.body
+            if hashlib.sha256(body[32:]).digest() != body[:32]:
+                damaged.append(body[32:40])
+            received.append(body[32:40])
+            message.channel.basic_ack(message.delivery_tag)
+
+        channel.basic_consume(queue_name, callback=on_message, no_ack=False)
+        ready.wait(10)
+        deadline = time.monotonic() + timeout
+        while len(received) < total and time.monotonic() < deadline:
+            with suppress(TimeoutError):
+                conn.drain_events(timeout=0.5)
+
+    consuming = start_all([Worker(consumer, name=f"tls-consumer-{n}") for n in range(consumers)])
+    ready.wait(10)
+    barrier = threading.Barrier(publishers)
+
+    def publisher(n):
+        rand = random.Random(n)
+        channel = conn.channel()
+        barrier.wait(30)
+        for i in range(per_publisher):
+            # One in 50 spans two or three frames (frame_max is 128 KiB; py-amqp takes the
+            # server's), the rest fit in one.
+            size = rand.randrange(140_000, 260_000) if i % 50 == 0 else rand.randrange(50, 3_000)
+            payload = n.to_bytes(4, "big") + i.to_bytes(4, "big") + rand.randbytes(size)
+            channel.basic_publish(
+                channel.prepare_message(hashlib.sha256(payload).digest() + payload),
+                exchange="", routing_key=queue_name)
+        channel.close()
+
+    publishing = start_all([Worker(publisher, n, name=f"tls-publisher-{n}")
+                            for n in range(publishers)])
+    assert join_all(publishing, timeout) == []
+    assert [repr(w.error) for w in publishing if w.error is not None] == []
+    assert join_all(consuming, timeout) == []
+    assert [repr(w.error) for w in consuming if w.error is not None] == []
+    main.queue_delete(queue_name)
+    return received, damaged
+
+
+def _expected_ids(publishers, per_publisher):
+    return sorted(n.to_bytes(4, "big") + i.to_bytes(4, "big")
+                  for n in range(publishers) for i in range(per_publisher))
+
+
+def _load_connection(tls_files, proxy, vhost, name):
+    url = url_for(vhost, proxy.port, scheme="amqps", host="localhost")
+    return kombu_connection(url, name, ssl={"ca_certs": tls_files["ca"]},
+                            transport_options={"confirm_publish": True})
+
+
+def test_amqps_100_publishers_with_confirms_and_consumers(tls_files, tls_proxy, vhost,
+                                                          connection_name, queue_name):
+    """20,000 confirmed publishes from 100 threads and 4 consumers on one amqps connection:
+    every body arrives once and intact, and nothing fails."""
+    publishers, per_publisher = 100, 200
+    conn = _load_connection(tls_files, tls_proxy, vhost, connection_name)
+    try:
+        conn.ensure_connection(max_retries=3)
+        received, damaged = _load(conn, queue_name, publishers, per_publisher)
+        assert damaged == []
+        assert sorted(received) == _expected_ids(publishers, per_publisher)
+        assert conn.connected
+    finally:
+        conn.close()
+
+
+class _Tracker:
+    """Counts threads inside the TLS object at once and checks every raw socket call."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards the counters below
+        self.inside = {}  # thread ident: calls it is inside (nested calls of one thread count once)
+        self.overlaps = []
+        self.calls = {}
+        self.callers = set()
+        self.raw_calls = []
+
+    def enter(self, name):
+        me = threading.get_ident()
+        with self._lock:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.callers.add((name, threading.current_thread().name))
+            if any(thread != me for thread in self.inside):
+                self.overlaps.append(name)
+            self.inside[me] = self.inside.get(me, 0) + 1
+
+    def exit(self):
+        me = threading.get_ident()
+        with self._lock:
+            self.inside[me] -= 1
+            if not self.inside[me]:
+                del self.inside[me]
+
+
+class _TrackedTLS:
+    """Stands in for the C TLS object: read/write/do_handshake/shutdown/pending, counted."""
+
+    def __init__(self, inner, tracker):
+        self._inner = inner
+        self._tracker = tracker
+
+    def _call(self, name, *args):
+        self._tracker.enter(name)
+        try:
+            return getattr(self._inner, name)(*args)
+        finally:
+            self._tracker.exit()
+
+    def read(self, *args):
+        return self._call("read", *args)
+
+    def write(self, data):
+        return self._call("write", data)
+
+    def do_handshake(self):
+        return self._call("do_handshake")
+
+    def shutdown(self):
+        return self._call("shutdown")
+
+    def pending(self):
+        return self._call("pending")
+
+
+class _OwnedLock:
+    """A lock that knows its holder (so raw socket calls can check they are made outside it)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.owner = None
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self._lock.acquire(blocking, timeout):
+            self.owner = threading.get_ident()
+            return True
+        return False
+
+    def release(self):
+        self.owner = None
+        self._lock.release()
+
+    def _is_owned(self):
+        return self.owner == threading.get_ident()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+class _RawRecorder:
+    """Wraps the raw TCP socket: records who calls it, with which flags, and whether the
+    caller holds the TLS lock."""
+
+    def __init__(self, sock, tls_lock, tracker):
+        self._sock = sock
+        self._tls_lock = tls_lock
+        self._tracker = tracker
+
+    def _record(self, name, flags):
+        self._tracker.raw_calls.append(
+            (name, threading.current_thread().name, flags,
+             self._tls_lock.owner == threading.get_ident()))
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        self._record("recv_into", flags)
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def sendmsg(self, buffers, ancdata=(), flags=0):
+        self._record("sendmsg", flags)
+        return self._sock.sendmsg(buffers, ancdata, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.fixture
+def tls_tracker(monkeypatch):
+    """Instruments every TLSSocket made while the test runs, from before its handshake."""
+    tracker = _Tracker()
+    original = TLSSocket.__init__
+
+    def instrumented(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._ssl = _TrackedTLS(self._ssl, tracker)
+        self._tls_lock = _OwnedLock()
+        self._progress = threading.Condition(self._tls_lock)
+        self._sock = _RawRecorder(self._sock, self._tls_lock, tracker)
+
+    monkeypatch.setattr(TLSSocket, "__init__", instrumented)
+    return tracker
+
+
+def test_amqps_tls_object_is_used_by_one_thread_at_a_time(tls_files, tls_proxy, vhost,
+                                                          connection_name, queue_name,
+                                                          tls_tracker):
+    """Under the same kind of load (40 publishers with confirms, 4 consumers): no two threads
+    are ever inside the TLS object at once; no raw socket call is made holding the TLS lock;
+    the reader thread never makes a blocking socket call; writes were combined."""
+    publishers, per_publisher = 40, 100
+    conn = _load_connection(tls_files, tls_proxy, vhost, connection_name)
+    try:
+        conn.ensure_connection(max_retries=3)
+        received, damaged = _load(conn, queue_name, publishers, per_publisher)
+        assert damaged == []
+        assert sorted(received) == _expected_ids(publishers, per_publisher)
+    finally:
+        conn.close()
+    tracker = tls_tracker
+    assert tracker.overlaps == []
+    # The instrumentation saw real traffic, from the reader and from many writing threads.
+    assert tracker.calls["do_handshake"] >= 1
+    assert tracker.calls["shutdown"] == 1  # close_notify
+    assert tracker.calls["read"] > 1000
+    assert tracker.calls["write"] > publishers * per_publisher
+    readers = {thread for name, thread in tracker.callers if name == "read"}
+    writers = {thread for name, thread in tracker.callers if name == "write"}
+    assert any(thread.startswith("amqp-reader") for thread in readers)
+    assert len(writers) > publishers
+    raw = tracker.raw_calls
+    assert [call for call in raw if call[3]] == []  # never under the TLS lock
+    by_reader = [call for call in raw if call[1].startswith("amqp-reader")]
+    assert by_reader
+    assert [call for call in by_reader if not call[2] & socket.MSG_DONTWAIT] == []
+    # Fewer sends than messages and acks written: writes from many threads combined.
+    sends = sum(1 for call in raw if call[0] == "sendmsg")
+    assert sends < tracker.calls["write"]
+
+
+def test_amqps_close_sends_close_notify(tls_files, tls_proxy, vhost, connection_name):
+    """close() ends the TLS stream with close_notify, after the AMQP Close/Close-Ok (before
+    the fix the TCP stream simply ended: a truncation attack looks the same)."""
+    for _ in range(3):
+        conn = _tls_connection(tls_files, tls_proxy, vhost, connection_name)
+        conn.ensure_connection(max_retries=3)
+        conn.default_channel.basic_qos(0, 1, False)
+        conn.close()
+    tls_proxy.close()  # joins the proxy's threads: every ending is recorded
+    assert tls_proxy.tls_endings == ["close_notify"] * 3
+
+
+# ------------------------------------------------ records the reader makes (openssl s_server)
+
+
+class _SServer:
+    """``openssl s_server`` on an ephemeral port: its stdin sends commands (``r``: TLS 1.2
+    renegotiation, ``K``: TLS 1.3 KeyUpdate asking for ours), its stdout shows what it got."""
+
+    def __init__(self, files, version):
+        self.process = subprocess.Popen(
+            ["openssl", "s_server", "-accept", "127.0.0.1:0", "-cert", files["cert"],
+             "-key", files["key"], f"-{version}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = None
+        deadline = time.monotonic() + 10
+        while self.port is None:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line.startswith(b"ACCEPT "):
+                self.port = int(line.rsplit(b":", 1)[1])
+
+    def _read(self):
+        for line in iter(self.process.stdout.readline, b""):
+            self.lines.put(line.rstrip(b"\n"))
+
+    def command(self, text):
+        self.process.stdin.write(text.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def wait_for(self, line, timeout=10):
+        """Lines printed up to and with ``line`` (which must come within ``timeout`` s)."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while True:
+            seen.append(self.lines.get(timeout=max(0.0, deadline - time.monotonic())))
+            if seen[-1] == line:
+                return seen
+
+    def close(self):
+        self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.mark.parametrize("version, command", [("tls1_2", "r"), ("tls1_3", "K")])
+def test_tls_records_made_while_reading_go_out_in_order(tls_files, version, command,
+                                                        tls_tracker):
+    """The server renegotiates (TLS 1.2) or asks for a KeyUpdate (TLS 1.3) while a writer
+    thread writes without pause and a reader thread reads: every line arrives intact and in
+    order, the reader sends what it makes without blocking, nothing overlaps."""
+    server = _SServer(tls_files, version)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock = TLSSocket(raw, ssl.create_default_context(cafile=tls_files["ca"]),
+                     server_hostname="localhost")
+    stop, after = threading.Event(), threading.Event()
+    got = []
+    written = [0]  # lines the writer has handed to sendmsg
+
+    def line(i):
+        return b"line-%d-" % i + b"x" * 3000 + b"\n"
+
+    try:
+        sock.do_handshake(10)
+        sock.settimeout(None)
+        assert sock.version() == {"tls1_2": "TLSv1.2", "tls1_3": "TLSv1.3"}[version]
+
+        def reader():
+            buffer = bytearray(64 * 1024)
+            while not stop.is_set():
+                if not sock.pending():
+                    select.select([sock], [], [], 0.2)
+                with suppress(ssl.SSLWantReadError, BlockingIOError):
+                    n = sock.recv_into(buffer)
+                    if not n:
+                        return
+                    got.append(bytes(buffer[:n]))
+                    if b"after\n" in b"".join(got):
+                        after.set()
+
+        def writer():
+            while not stop.is_set():
+                i = written[0]
+                sock.sendmsg([line(i), line(i + 1)])  # one record per line: lines stay whole
+                written[0] = i + 2
+            sock.sendall(b"last\n")
+
+        reading = Worker(reader, name="tls-reader")
+        writing = Worker(writer, name="tls-writer")
+        start_all([reading, writing])
+        lines = server.wait_for(line(100)[:-1])
+        server.command(command)
+        # s_server reads its stdin only between our records: it did once it says so.
+        lines += server.wait_for(b"SSL_do_handshake -> 1")
+        mark = written[0]
+        while written[0] < mark + 400 and writing.is_alive():  # the exchange, then more lines
+            lines += server.wait_for(line(written[0])[:-1])
+        stop.set()
+        assert join_all([writing], 10) == []
+        assert writing.error is None, repr(writing.error)
+        lines += server.wait_for(b"last", 20)
+        assert [text for text in lines if text.startswith(b"line-")] == [
+            line(i)[:-1] for i in range(written[0])]
+        # The server writes to us now (we flooded it before), under its new keys.
+        server.command("after")
+        assert after.wait(10), (got, reading.error)
+    finally:
+        stop.set()
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        server.close()
+    assert tls_tracker.overlaps == []
+    by_reader = [call for call in tls_tracker.raw_calls if call[1] == "tls-reader"]
+    assert [call for call in by_reader if not call[2] & socket.MSG_DONTWAIT] == []
+    if version == "tls1_2":  # the reader answered the renegotiation itself, without blocking
+        assert [call for call in by_reader if call[0] == "sendmsg"]

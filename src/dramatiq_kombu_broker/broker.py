@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import amqp
@@ -20,8 +21,8 @@ from kombu_pyamqp_threadsafe import KombuConnection, forksafe
 from .consumer import KombuConsumer
 from .errors import QueueArgumentsMismatch
 from .retry import retrying
-from .settings import BrokerSettings
-from .topology import declarations
+from .settings import DEFAULT_MAX_DELAY_MS, BrokerSettings
+from .topology import CLASSIC, existing_queue_type
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +41,83 @@ class KombuBroker(Broker):
     publishing thread its own channel, leased from a pool for as long as the thread lives).
     Both open on first use, and again in a forked child, which never uses its parent's.
 
+    It takes RabbitmqBroker's arguments: ``url``, or ``parameters`` (a failover list of pika
+    ConnectionParameters dicts), or pika's keyword parameters (``host``, ``port``,
+    ``virtual_host``, ``credentials``, ...), one of the three; mixing them raises RuntimeError
+    as RabbitmqBroker does. A pika parameter that has no equivalent here raises ValueError.
+
     Parameters:
       url: ``amqp://`` or ``amqps://`` URL, a ``;``-separated string or a list for failover.
+        pika's query parameters (``?heartbeat=30&blocked_connection_timeout=60``) are read.
+      confirm_delivery: a send returns only once the server holds the message (default True,
+        where RabbitmqBroker's default is False).
+      max_priority: declare queues with ``x-max-priority`` (1..255; classic queues only).
       middleware: as for every dramatiq broker.
-      confirm_delivery: a send returns only once the server holds the message (default True).
-      max_priority: declare queues with ``x-max-priority`` (1..255).
-      heartbeat: seconds between heartbeats (0 turns them off).
+      parameters: pika ConnectionParameters as dicts, tried in order (failover).
+      host, port, virtual_host: pika's (defaults ``localhost``, 5672 or 5671 with TLS, ``/``).
+      credentials: a pika ``PlainCredentials`` or a ``(user, password)`` pair (default guest).
+      heartbeat: seconds between heartbeats (0 turns them off; default 60).
+      connection_attempts, retry_delay: attempts per connect and seconds between them.
+      socket_timeout: pika's name for ``connect_timeout``.
+      blocked_connection_timeout: seconds a send waits while the server blocks publishing
+        (memory or disk alarm) before it fails (default 30).
+      ssl_options: ``True`` or a dict of py-amqp TLS options: connect with ``amqps``.
+      client_properties: extra client properties (``connection_name`` names the connections).
       connection_name: shown by the server; ``-consumer``/``-producer`` are appended.
       prefetch, delay_prefetch: override the prefetch the worker asks for on queues / delay
         queues.
-      queue_arguments: extra arguments for ``q`` and ``q.DQ`` (for example ``x-queue-type``).
-      connect_timeout: seconds to wait for the TCP and AMQP handshake.
+      queue_arguments: extra arguments for ``q`` and ``q.DQ``.
+      connect_timeout: seconds to wait for the TCP and AMQP handshake (default 10).
       ssl: options for ``amqps://`` (passed to kombu).
       transport_options: more options for kombu's connection.
+      max_delay: longest accepted ``delay`` in milliseconds (default a year).
+      queue_type: ``"classic"`` (RabbitmqBroker's queues) or ``"quorum"`` (replicated).
+      delivery_limit: ``x-delivery-limit`` of quorum queues (deliveries before a message is
+        dead-lettered to ``q.XQ``; -1: none, RabbitMQ 4.x).
     """
 
-    def __init__(self, *, url: str | list[str] | None = None,
-                 middleware: list[Middleware] | None = None, **options: Any) -> None:
-        self.settings = BrokerSettings.from_arguments(url, **options)
+    def __init__(
+        self, *,
+        url: str | list[str] | None = None,
+        confirm_delivery: bool = True,
+        max_priority: int | None = None,
+        middleware: list[Middleware] | None = None,
+        parameters: Sequence[Mapping[str, Any]] | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        virtual_host: str | None = None,
+        credentials: Any = None,
+        heartbeat: float | None = None,
+        connection_attempts: int | None = None,
+        retry_delay: float | None = None,
+        socket_timeout: float | None = None,
+        blocked_connection_timeout: float | None = None,
+        ssl_options: Any = None,
+        client_properties: Mapping[str, Any] | None = None,
+        connection_name: str | None = None,
+        prefetch: int | None = None,
+        delay_prefetch: int | None = None,
+        queue_arguments: dict[str, Any] | None = None,
+        connect_timeout: float | None = None,
+        ssl: Any = None,
+        transport_options: dict[str, Any] | None = None,
+        max_delay: int = DEFAULT_MAX_DELAY_MS,
+        queue_type: str = CLASSIC,
+        delivery_limit: int | None = None,
+    ) -> None:
+        self.settings = BrokerSettings.from_arguments(
+            url=url, parameters=parameters,
+            pika={"host": host, "port": port, "virtual_host": virtual_host,
+                  "credentials": credentials, "connection_attempts": connection_attempts,
+                  "retry_delay": retry_delay, "socket_timeout": socket_timeout,
+                  "blocked_connection_timeout": blocked_connection_timeout,
+                  "ssl_options": ssl_options, "client_properties": client_properties},
+            confirm_delivery=confirm_delivery, max_priority=max_priority, heartbeat=heartbeat,
+            connection_name=connection_name, prefetch=prefetch, delay_prefetch=delay_prefetch,
+            queue_arguments=queue_arguments, connect_timeout=connect_timeout, ssl=ssl,
+            transport_options=transport_options, max_delay=max_delay, queue_type=queue_type,
+            delivery_limit=delivery_limit,
+        )
         self.confirm_delivery = self.settings.confirm_delivery
         self.max_priority = self.settings.max_priority
         # Guards _connections and _connections_pid (one pair per process).
@@ -150,8 +210,7 @@ class KombuBroker(Broker):
         """Declare ``q``, ``q.DQ`` and ``q.XQ`` on ``channel`` if not done yet."""
         if canonical not in self.queues_pending:
             return
-        for name, arguments in declarations(canonical, self.max_priority,
-                                            self.settings.queue_arguments):
+        for name, arguments in self.settings.declarations(canonical):
             self._declare(channel, name, arguments)
         self.queues_pending.discard(canonical)
 
@@ -160,11 +219,30 @@ class KombuBroker(Broker):
             return channel.queue_declare(queue=name, durable=True, auto_delete=False,
                                          arguments=arguments)
         except PreconditionFailed as exc:
-            raise QueueArgumentsMismatch(
-                f"queue {name!r} exists with other arguments than KombuBroker declares "
-                f"({arguments!r}); the server says: {exc.reply_text}. Delete the queue or "
-                f"configure the broker (max_priority, queue_arguments) to match it."
-            ) from None
+            raise self._mismatch(channel, name, arguments, exc.reply_text) from None
+
+    def _mismatch(self, channel: Any, name: str, arguments: dict[str, Any],
+                  reply_text: str) -> QueueArgumentsMismatch:
+        """The error for a queue the server has with other arguments, naming both types when
+        they differ (found by declaring again on fresh channels: the refused one is closed)."""
+        def declare(probe: dict[str, Any]) -> str | None:
+            fresh = channel.connection.channel()
+            try:
+                fresh.queue_declare(queue=name, durable=True, auto_delete=False,
+                                    arguments=probe)
+                return None
+            except PreconditionFailed as exc:
+                return str(exc.reply_text)
+            finally:
+                if fresh.is_open:
+                    fresh.close()
+
+        wanted = self.settings.queue_type
+        try:
+            existing = existing_queue_type(declare, arguments, reply_text)
+        except (AMQPError, OSError):
+            existing = None
+        return QueueArgumentsMismatch(name, arguments, reply_text, wanted, existing)
 
     def get_declared_queues(self) -> set[str]:
         return self.queues.copy()
@@ -187,15 +265,17 @@ class KombuBroker(Broker):
             queue_name = dq_name(queue_name)
             message = message.copy(queue_name=queue_name,
                                    options={"eta": current_millis() + delay})
-        body = message.encode()
-        properties = {"delivery_mode": 2, "priority": message.options.get("broker_priority")}
         self.declare_queue(canonical)
 
+        # As RabbitmqBroker, per attempt: declare, before_enqueue, then encode, so what a
+        # middleware writes into message.options there (broker_priority too) is what is sent.
         def publish(channel: Any) -> None:
             self.ensure_queues(canonical, channel)
             self.emit_before("enqueue", message, delay)
-            channel.basic_publish(amqp.Message(body, **properties), exchange="",
-                                  routing_key=queue_name, mandatory=self.confirm_delivery)
+            body = amqp.Message(message.encode(), delivery_mode=2,
+                                priority=message.options.get("broker_priority"))
+            channel.basic_publish(body, exchange="", routing_key=queue_name,
+                                  mandatory=self.confirm_delivery)
 
         def on_error(exc: BaseException) -> None:
             if isinstance(exc, ChannelError) and exc.reply_code == NO_ROUTE:
@@ -251,8 +331,7 @@ class KombuBroker(Broker):
         canonical = q_name(queue_name)
         counts = self._with_producer_channel(lambda channel: [
             self._declare(channel, name, arguments).message_count
-            for name, arguments in declarations(canonical, self.max_priority,
-                                                self.settings.queue_arguments)
+            for name, arguments in self.settings.declarations(canonical)
         ])
         self.queues_pending.discard(canonical)
         return counts[0], counts[1], counts[2]

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kombu_pyamqp_threadsafe import KombuConnection
+
+from .connection_parameters import (
+    merge_tuning,
+    parameters_list,
+    reject_mixing,
+    split_url_query,
+    url_from_parameters,
+)
+from .topology import CLASSIC, check_queue_options, declarations
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SCHEMES = ("amqp", "amqps", "pyamqp")
@@ -30,13 +40,49 @@ class BrokerSettings:
     ssl: Any = None
     transport_options: dict[str, Any] = field(default_factory=dict)
     max_delay: int = DEFAULT_MAX_DELAY_MS
+    #: Connection attempts per (re)connect, and seconds between them (pika's names). One
+    #: attempt, as every connect made so far; 0.1 s, the first pause of the broker's retries.
+    connection_attempts: int = 1
+    retry_delay: float = 0.1
+    #: Longest wait of a publish while the server blocks publishing (pika's
+    #: blocked_connection_timeout); None: no bound.
+    blocked_timeout: float | None = 30.0
+    queue_type: str = CLASSIC
+    delivery_limit: int | None = None
 
     @classmethod
-    def from_arguments(cls, url: str | list[str] | None, **options: Any) -> BrokerSettings:
+    def from_arguments(cls, *, url: str | list[str] | None = None,
+                       parameters: Sequence[Mapping[str, Any]] | None = None,
+                       pika: Mapping[str, Any] | None = None, **options: Any) -> BrokerSettings:
+        """Settings from KombuBroker's arguments: ``url`` or ``parameters`` or the ``pika``
+        keyword parameters (None values are "not given"), plus KombuBroker's own ``options``."""
+        pika = {name: value for name, value in (pika or {}).items() if value is not None}
         unknown = set(options) - set(cls.__dataclass_fields__)
         if unknown:
             raise TypeError(f"KombuBroker got unexpected argument(s): {', '.join(sorted(unknown))}")
-        settings = cls(urls=_parse_urls(url), **options)
+        reject_mixing(url, parameters, pika)
+        tuning: dict[str, Any] = {}
+        if url is not None:
+            urls = []
+            for part in _parse_urls(url):
+                stripped, query = split_url_query(part, "url")
+                merge_tuning(tuning, query, "url query parameter ")
+                urls.append(stripped)
+        elif parameters is not None:
+            urls = []
+            for index, values in enumerate(parameters_list(parameters)):
+                where = f"parameters[{index}]."
+                address, values_tuning = url_from_parameters(values, where)
+                merge_tuning(tuning, values_tuning, where)
+                urls.append(address)
+        elif pika:
+            address, tuning = url_from_parameters(pika, "")
+            urls = [address]
+        else:
+            urls = [DEFAULT_URL]
+        options = {name: value for name, value in options.items() if value is not None}
+        _apply_tuning(options, tuning)
+        settings = cls(urls=urls, **options)
         settings._check()
         return settings
 
@@ -51,10 +97,20 @@ class BrokerSettings:
             raise ValueError(
                 f"max_priority must be an integer from 1 to 255, got {self.max_priority!r}"
             )
-        for name in ("heartbeat", "connect_timeout"):
+        for name in ("heartbeat", "connect_timeout", "retry_delay"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if self.blocked_timeout is not None and not (
+            _is_number(self.blocked_timeout) and self.blocked_timeout > 0
+        ):
+            raise ValueError(f"blocked_timeout (blocked_connection_timeout) must be a number of "
+                             f"seconds > 0 or None, got {self.blocked_timeout!r}")
+        if isinstance(self.connection_attempts, bool) or not (
+            isinstance(self.connection_attempts, int) and self.connection_attempts >= 1
+        ):
+            raise ValueError(f"connection_attempts must be an integer >= 1, "
+                             f"got {self.connection_attempts!r}")
         for name in ("prefetch", "delay_prefetch"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 0 < value <= 65535):
@@ -68,11 +124,18 @@ class BrokerSettings:
         if not (isinstance(self.max_delay, int) and self.max_delay > 0):
             raise ValueError(f"max_delay must be a positive number of milliseconds, "
                              f"got {self.max_delay!r}")
+        check_queue_options(self.queue_type, self.max_priority, self.delivery_limit,
+                            self.queue_arguments)
 
     @property
     def masked_url(self) -> str:
         """The URL(s) with passwords masked, for logs and repr()."""
         return ";".join(mask_url(url) for url in self.urls)
+
+    def declarations(self, canonical: str) -> list[tuple[str, dict[str, Any]]]:
+        """``(name, arguments)`` of ``q``, ``q.DQ`` and ``q.XQ`` for the canonical name."""
+        return declarations(canonical, self.max_priority, self.queue_arguments,
+                            self.queue_type, self.delivery_limit)
 
     def check_delay(self, delay: Any) -> None:
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or delay < 0:
@@ -99,9 +162,59 @@ class BrokerSettings:
                                channel_pool_limit=None)
 
 
-def _parse_urls(url: str | list[str] | None) -> list[str]:
-    if url is None:
-        return [DEFAULT_URL]
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+#: Where each pika tuning value goes in BrokerSettings.
+_TUNING_FIELDS = {
+    "heartbeat": "heartbeat",
+    "connection_attempts": "connection_attempts",
+    "retry_delay": "retry_delay",
+    "socket_timeout": "connect_timeout",
+    "blocked_connection_timeout": "blocked_timeout",
+    "ssl_options": "ssl",
+}
+
+
+def _apply_tuning(options: dict[str, Any], tuning: dict[str, Any]) -> None:
+    """Move pika's tuning values into ``options`` (BrokerSettings fields), refusing a value the
+    broker's own arguments already set otherwise."""
+    for key, value in tuning.items():
+        if key == "client_properties":
+            _apply_client_properties(options, value)
+            continue
+        target = _TUNING_FIELDS[key]
+        if target in options and options[target] != value:
+            raise ValueError(f"{key} is given twice, as {value!r} and as {target}="
+                             f"{options[target]!r}")
+        if key == "heartbeat" and callable(value):
+            raise ValueError("heartbeat must be a number of seconds: pika's callable "
+                             "negotiation hook does not map")
+        options[target] = value
+
+
+def _apply_client_properties(options: dict[str, Any], properties: Any) -> None:
+    if not isinstance(properties, Mapping):
+        raise ValueError(f"client_properties must be a dict, got {properties!r}")
+    properties = dict(properties)
+    if "capabilities" in properties:
+        raise ValueError("client_properties['capabilities'] cannot be set: the transport "
+                         "announces the capabilities it implements")
+    name = properties.pop("connection_name", None)
+    if name is not None:
+        if options.get("connection_name", name) != name:
+            raise ValueError(f"client_properties['connection_name'] ({name!r}) contradicts "
+                             f"connection_name={options['connection_name']!r}")
+        options["connection_name"] = name
+    transport_options = dict(options.get("transport_options") or {})
+    transport_options["client_properties"] = {
+        **transport_options.get("client_properties", {}), **properties,
+    }
+    options["transport_options"] = transport_options
+
+
+def _parse_urls(url: str | list[str]) -> list[str]:
     if isinstance(url, str):
         urls = [part.strip() for part in url.split(";") if part.strip()]
     elif isinstance(url, (list, tuple)) and all(isinstance(part, str) for part in url):

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import suppress
 from time import monotonic
 from typing import Any
 
 from amqp import spec
-from amqp.exceptions import MessageNacked, RecoverableConnectionError
+from amqp.exceptions import AMQPError, MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
-from .errors import ChannelOwnershipError, Failure
+from .errors import ChannelOwnershipError, ChannelTakenOverError, ConfirmsOutOfStepError, Failure
 from .inbox import RETIRED, Mailbox
 
 logger = logging.getLogger(__name__)
+
+#: How long close() waits without a reply for the server's Close-Ok before it forgets the
+#: channel (upstream waits forever).
+CLOSE_OK_TIMEOUT = 5.0
 
 
 #: Methods without a reply: any thread may send them on any channel.
@@ -37,8 +42,16 @@ class Channel(pyamqp.Channel):
         self._mailbox = Mailbox(self, connection._current_inbox())
         self._failure: Failure | None = None
         self._publish_seq = 0
+        # True from the start of a publish with confirms until its delivery tag is counted: an
+        # interrupt in between leaves it True (see basic_publish_confirm).
+        self._publishing = False
         self._unconfirmed: dict[int, bool | None] = {}
-        super().__init__(connection, channel_id, **kwargs)
+        try:
+            super().__init__(connection, channel_id, **kwargs)
+        except BaseException:
+            # Otherwise the thread's inbox would keep the mailbox, and with it the channel.
+            self._mailbox.retire()
+            raise
         # Upstream gives every channel a queue.Queue, ``returned_messages``, that neither
         # py-amqp nor kombu ever fills (returned messages go to the basic_return event). It
         # weighs about 4 KB with its three Conditions, half of a channel: with a channel per
@@ -79,6 +92,19 @@ class Channel(pyamqp.Channel):
                 f"thread {threading.current_thread().name!r} cannot wait for its replies "
                 "(open a channel in this thread, or take one from the channel pool)"
             )
+
+    def _check_still_owned(self, inbox: Any) -> None:
+        """Between the rounds of a wait: a channel that another thread closed or adopted
+        meanwhile will never bring this thread its reply; say so instead of sleeping on."""
+        owner = self._mailbox.owner
+        if owner is inbox:
+            return
+        self._raise_if_failed()
+        closer = owner.thread
+        what = (f"channel {self.channel_id} was taken over by thread {closer.name!r}"
+                if closer is not None else "the channel was closed by another thread")
+        raise ChannelTakenOverError(
+            f"{what} while thread {threading.current_thread().name!r} waited on it")
 
     # Upstream: forgets callbacks and the channel id. Here also the undispatched methods.
     def collect(self) -> None:
@@ -126,15 +152,40 @@ class Channel(pyamqp.Channel):
 
     # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
     # because replies are delivered to the owner's inbox.
+    # While it waits, drain_events checks that the channel is still the caller's (another
+    # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever.
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
-        return super().wait(method, callback=callback, timeout=timeout,
-                            returns_tuple=returns_tuple)
+        connection = self.connection
+        if connection is None:  # upstream raises "connection already closed"
+            return super().wait(method, callback=callback, timeout=timeout,
+                                returns_tuple=returns_tuple)
+        closing = timeout is None and method == spec.Channel.CloseOk
+        local = connection._local
+        previous = getattr(local, "waiting_on", None)
+        try:
+            local.waiting_on = self
+            return super().wait(method, callback=callback,
+                                timeout=CLOSE_OK_TIMEOUT if closing else timeout,
+                                returns_tuple=returns_tuple)
+        except TimeoutError:
+            if closing:  # see close()
+                self.collect()
+            raise
+        except RecoverableConnectionError:
+            if self.connection is None:  # upstream's "already closed": closed by whom?
+                self._check_still_owned(connection._thread_inbox())
+            raise
+        finally:
+            local.waiting_on = previous
 
-    # Upstream: closes from the calling thread, which then waits for CloseOk. Here the closing
-    # thread first takes ownership so the CloseOk reaches it (dramatiq closes consumers from the
-    # main thread while their own thread is blocked in drain_events).
+    # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
+    # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
+    # consumers from the main thread while their own thread is blocked in drain_events), and
+    # waits at most CLOSE_OK_TIMEOUT without a reply: then the channel is forgotten here
+    # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
+    # Close-Ok finds no channel).
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
               argsig: str = "BsBB") -> Any:
         if self.is_open:
@@ -165,9 +216,23 @@ class Channel(pyamqp.Channel):
     # confirms, so a late confirm of an earlier publish (one that was returned unroutable, or
     # interrupted) would complete the next publish before the broker has it. Here each publish
     # waits for the confirm of its own delivery tag.
+    #
+    # The server numbers every publish it receives; this channel counts a publish once
+    # _basic_publish returns. An interrupt (dramatiq's TimeLimit) that lands in the writer
+    # after the send, or in a message another thread writes for it, leaves the two counts
+    # apart, and from then on every publish would take the confirm of the one before it. It
+    # cannot be told from here whether the message left (an interrupt can land between any
+    # two bytecodes, also of an except clause), so _publishing marks the stretch from the
+    # first write to the counting: if a publish finds it still set, the earlier one was
+    # interrupted, and the channel is closed with ConfirmsOutOfStepError (the pool, the
+    # broker and default_channel then open a new one). Guessing the count instead would, when
+    # wrong the other way, make a publish wait for a confirm that never comes.
     def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
         confirm_timeout = kwargs.pop("confirm_timeout", None)
         self._check_owner()
+        if self._publishing:
+            self._close_out_of_step()
+        self._publishing = True
         if not self._confirm_selected:
             self._confirm_selected = True
             self._publish_seq = 0
@@ -177,6 +242,7 @@ class Channel(pyamqp.Channel):
             self.confirm_select()
         result = self._basic_publish(*args, **kwargs)
         self._publish_seq += 1
+        self._publishing = False
         seq = self._publish_seq
         self._unconfirmed[seq] = None
         try:
@@ -187,15 +253,35 @@ class Channel(pyamqp.Channel):
             raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
         return result
 
+    def _close_out_of_step(self) -> None:
+        channel_id = self.channel_id
+        with suppress(AMQPError, OSError):
+            self.close()
+        raise ConfirmsOutOfStepError(
+            f"an earlier publish on channel {channel_id} was interrupted, so its confirms "
+            "would be out of step; the channel was closed (open another)"
+        )
+
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
+        """Until the confirm of ``seq``; with no timeout, woken by the connection's failure
+        or by another thread closing the channel (drain_events checks the owner)."""
         deadline = None if timeout is None else monotonic() + timeout
+        inbox = None
         while self._unconfirmed.get(seq) is None:
             connection = self.connection
             if connection is None:
                 self._raise_if_failed()
+                self._check_still_owned(self._mailbox.owner if inbox is None else inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
+            inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            connection.drain_events(timeout=remaining)
+            local = connection._local
+            previous = getattr(local, "waiting_on", None)
+            try:
+                local.waiting_on = self
+                connection.drain_events(timeout=remaining)
+            finally:
+                local.waiting_on = previous
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

@@ -30,6 +30,7 @@ from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .frames import FrameWriter
 from .inbox import Inbox
 from .reader import Reader
+from .tls import TLSSocket
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,22 @@ class TCPTransport(_SharedSocketMixin, amqp_transport.TCPTransport):
 
 
 class SSLTransport(_SharedSocketMixin, amqp_transport.SSLTransport):
-    """TLS transport for a shared connection."""
+    """TLS transport for a shared connection: TLS in a :class:`~.tls.TLSSocket`, so that the
+    reader thread and the writers never use the one SSL object at the same time."""
+
+    sock: Any  # the raw socket, then the TLSSocket over it
+
+    # Upstream: wraps the socket in an ``ssl.SSLSocket``, handshakes on it and reads and writes
+    # through it. Here: upstream's own wrapping builds the context from the ``ssl`` options
+    # (handshake deferred), then a TLSSocket takes its descriptor, handshakes through memory
+    # BIOs within connect_timeout and does the socket I/O itself.
+    def _setup_transport(self) -> None:
+        options = {**self.sslopts, "do_handshake_on_connect": False}
+        wrapped = self._wrap_socket(self.sock, **options)
+        self.sock = sock = TLSSocket.over(wrapped, timeout=self.connect_timeout)
+        sock.do_handshake(self.connect_timeout)
+        self._quick_recv = sock.recv
+        self._write = sock.sendall
 
 
 class Connection(pyamqp.Connection):
@@ -115,6 +131,8 @@ class Connection(pyamqp.Connection):
             inbox = self._local.inbox = Inbox()
             with self._inboxes_lock:
                 self._inboxes.add(inbox)
+                if self._failure is not None:  # failed before: _fail() did not see this one
+                    inbox.wake()
         return inbox
 
     def _thread_inbox(self) -> Inbox | None:
@@ -149,11 +167,25 @@ class Connection(pyamqp.Connection):
         initial = bytes(getattr(transport, "_read_buffer", b""))
         transport._read_buffer = b""
         transport.shared = True
+        self._set_user_timeout(sock, transport)
         self._reader = Reader(
             self, sock, initial, float(self.heartbeat or 0), self.frame_writer,
             name=f"amqp-reader-{self.host}",
         )
         self._reader.start()
+
+    # Upstream: TCP_USER_TIMEOUT is 1 s whatever the heartbeat, so a server that stops reading
+    # for a second (a memory alarm: it blocks publishers by not reading) kills the connection.
+    # Here, with heartbeats on, it is two heartbeat intervals, the horizon of the reader's
+    # missed-heartbeat check, so a send stuck on a dead peer fails in about the same time.
+    # A TCP_USER_TIMEOUT given in socket_settings is kept.
+    def _set_user_timeout(self, sock: Any, transport: Any) -> None:
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        settings = getattr(transport, "socket_settings", None) or {}
+        if option is None or not self.heartbeat or option in settings:
+            return
+        with suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(2000 * float(self.heartbeat)))
 
     # -- routing and waiting ---------------------------------------------------------------
 
@@ -188,6 +220,9 @@ class Connection(pyamqp.Connection):
         if self._reader is None:
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
+        waiting_on = getattr(self._local, "waiting_on", None)
+        if waiting_on is not None:
+            waiting_on._check_still_owned(inbox)
         try:
             mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
         except queue.Empty:
@@ -281,6 +316,7 @@ class Connection(pyamqp.Connection):
                     sock.shutdown(socket.SHUT_RDWR)
         for inbox in inboxes:
             inbox.wake()
+        self._close_ok.set()  # a close() waiting for its Close-Ok waits no more
         return True
 
     def _teardown(self) -> None:
@@ -308,7 +344,10 @@ class Connection(pyamqp.Connection):
                 if channel is not self:
                     channel._failure = self._failure
                     channel.collect()
-        self._transport = self.connection = self.channels = None
+        # Upstream sets channels to None too; other threads may be inside py-amqp code that
+        # indexes it (a Channel being made), and would get TypeError, not a connection error.
+        # Here it stays a dict: what they do next reaches the writer, which raises the failure.
+        self._transport = self.connection = None
 
     # Upstream: closes the socket and forgets the channels. Here the same, after stopping the
     # reader and failing every waiting thread with a clear error.

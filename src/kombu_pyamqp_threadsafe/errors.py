@@ -7,7 +7,11 @@ closed is not (nothing retries into a closed connection).
 
 from __future__ import annotations
 
-from amqp.exceptions import IrrecoverableConnectionError, RecoverableConnectionError
+from amqp.exceptions import (
+    IrrecoverableConnectionError,
+    RecoverableChannelError,
+    RecoverableConnectionError,
+)
 
 
 class ConnectionLostError(RecoverableConnectionError):
@@ -25,6 +29,16 @@ class ChannelOwnershipError(RuntimeError):
     steal or lose them. Methods without a reply (acks, nacks, rejects, publishes without
     confirms) may be sent from any thread.
     """
+
+
+class ChannelTakenOverError(RecoverableChannelError):
+    """Another thread closed (or adopted) the channel this thread was waiting on, so the
+    reply or confirm it waited for will not reach it."""
+
+
+class ConfirmsOutOfStepError(RecoverableChannelError):
+    """An earlier publish with confirms on this channel was interrupted, so whether the
+    server counted its delivery tag is unknown; the channel was closed (open another)."""
 
 
 class ChannelPoolLimitError(RuntimeError):

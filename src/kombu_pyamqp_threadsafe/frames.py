@@ -15,6 +15,7 @@ frame, and allocates nothing per read.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from collections import deque
@@ -88,15 +89,18 @@ class FrameWriter:
     Messages leave the queue inside the ``sendmsg`` call that sends them, so an asynchronous
     exception (dramatiq's TimeLimit), which CPython raises only between bytecodes, finds a
     batch either still queued (the interrupted thread writes it on its way out) or handed to
-    the kernel; no other thread's message is ever dropped. TLS sockets have no ``sendmsg``:
-    there each thread writes its own message under the lock, as before combining.
+    the kernel; no other thread's message is ever dropped. Over TLS the socket is a
+    :class:`~.tls.TLSSocket`, whose ``sendmsg`` encrypts the batch and sends it the same way.
     """
 
     def __init__(self, connection: Any, transport: Any) -> None:
         self._connection = connection
         self._transport = transport
         sock = transport.sock
+        # An ssl.SSLSocket (not made by this package) has no sendmsg: one write per message.
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
+        # The reader's writes: never block (it is the one thread that checks heartbeats).
+        self._send_nowait = None if self._sendmsg is None else _nonblocking(sock)
         # Guards the socket's outbound byte stream: its holder writes every queued message,
         # each whole. Held across a blocking write, never across a read. An RLock because it
         # knows its owner, which lets a write release it exactly when it holds it.
@@ -125,7 +129,12 @@ class FrameWriter:
             raise failure.for_caller()
         data = encode_method(frame_type, channel, method_sig, args, content, connection.frame_max)
         if self._sendmsg is not None and len(self._queued) < MAX_QUEUED:
-            if self._enqueue(data, channel, method_sig):
+            # An interrupt landing after the append still drains on its way out; one landing
+            # even before that leaves the message to the next writer or the reader's next tick
+            # (write_nowait), never to nobody.
+            try:
+                self._enqueue(data, channel, method_sig)
+            finally:
                 self._drain()
         else:
             timeouts = getattr(self._transport, "write_timeouts", None)
@@ -154,15 +163,39 @@ class FrameWriter:
             self._queued.append(data)
         return True
 
-    def try_write_heartbeat(self) -> bool:
-        """Send a heartbeat unless messages are queued (their bytes count as one). The reader
-        calls it on a quiet connection only, so it hardly ever writes other threads' messages
-        along with it."""
-        if self._queued:
-            return False
-        self._queued.append(encode_method(8, 0, None, None, None, 0))
-        self._drain()
-        return True
+    def write_nowait(self, heartbeat: bool) -> None:
+        """The reader thread, on each tick: write what is queued, with a heartbeat first if
+        ``heartbeat`` and nothing is queued (queued bytes count as one), without ever blocking.
+
+        The reader is the one thread that notices missed heartbeats, so it must never sleep in
+        a send (a peer that stops reading fills the send buffer). What the socket does not
+        take now stays queued, in order, for the next writer or the next tick. It is also the
+        writer of last resort: a message an interrupt left queued after its thread's last look
+        (between the append and the drain) goes out within one tick, not with the next
+        publish, which on an idle connection never comes (and heartbeats would stop with it).
+        Over TLS (no non-blocking batch write) it queues its heartbeat and drains as a
+        publisher does.
+        """
+        queued = self._queued
+        send = self._send_nowait
+        if send is None:
+            if heartbeat and not queued:
+                queued.append(encode_method(8, 0, None, None, None, 0))
+            self._drain()
+            return
+        lock = self.lock
+        while heartbeat or queued:
+            if not lock.acquire(blocking=False):
+                return  # the holder writes what is queued before it lets go
+            try:
+                if heartbeat and not queued:
+                    queued.append(encode_method(8, 0, None, None, None, 0))
+                heartbeat = False
+                complete = self._flush(send)
+            finally:
+                lock.release()
+            if not complete:
+                return
 
     def reset_after_fork(self) -> None:
         """In a forked child: a new lock, and nothing of the parent's left to write."""
@@ -215,8 +248,12 @@ class FrameWriter:
         if error is not None:
             raise error
 
-    def _flush(self) -> None:
-        """Under the lock: write everything queued, up to MAX_BATCH messages per call."""
+    def _flush(self, send_nowait: Callable[[Any], int] | None = None) -> bool:
+        """Under the lock: write everything queued, up to MAX_BATCH messages per call.
+
+        With ``send_nowait`` (the reader) nothing blocks: what the socket does not take goes
+        back to the front of the queue, and the result is False.
+        """
         queued = self._queued
         connection = self._connection
         while queued:
@@ -224,7 +261,7 @@ class FrameWriter:
                 # Gone with the connection, like bytes in a dead socket's buffer: a sender that
                 # waits for a reply or a confirm is woken by the failure.
                 queued.clear()
-                return
+                return True
             first = queued[0]
             sent = kept = None
             try:
@@ -235,6 +272,10 @@ class FrameWriter:
                     # iteration can run finalizers, switch threads and let one append.
                     batch = starmap(queued.popleft, repeat((), min(len(queued), MAX_BATCH)))
                     kept, counted, feed = tee(batch, 3)
+                    if send_nowait is not None:
+                        if not self._sent_nowait(send_nowait, feed, kept, counted):
+                            return False
+                        continue
                     sent = self._sendmsg(feed)  # pops the batch as it sends it
                     if sent < sum(map(len, counted)):  # a signal interrupted the send
                         self._transport.write(b"".join(kept)[sent:])
@@ -248,6 +289,24 @@ class FrameWriter:
                     raise failure.for_caller() from exc
                 raise
             self.last_write = monotonic()
+        return True
+
+    def _sent_nowait(self, send_nowait: Callable[[Any], int], feed: Any, kept: Any,
+                     counted: Any) -> bool:
+        """Reader thread, under the lock: send a batch without blocking; whatever the socket
+        did not take goes back to the front of the queue (the holder of the lock is the only
+        one that takes from it, so the order on the wire is kept). True if all of it left."""
+        queued = self._queued
+        try:
+            sent = send_nowait(feed)
+        except (BlockingIOError, InterruptedError):
+            queued.extendleft(reversed(list(kept)))
+            return False
+        self.last_write = monotonic()
+        if sent < sum(map(len, counted)):
+            queued.appendleft(b"".join(kept)[sent:])
+            return False
+        return True
 
     def _batch_interrupted(self, exc: BaseException, sent: int | None, kept: Any) -> None:
         """An exception with a batch out of the queue: fail the connection unless the batch
@@ -269,6 +328,16 @@ class FrameWriter:
             whole = threading.current_thread() is not threading.main_thread()
         if not whole:
             self._connection._on_write_failure(exc)
+
+
+def _nonblocking(sock: Any) -> Callable[[Any], int]:
+    """``sock.sendmsg`` that never blocks (MSG_DONTWAIT), whatever the socket's own mode."""
+    sendmsg = sock.sendmsg
+
+    def send_nowait(buffers: Any) -> int:
+        return sendmsg(buffers, (), socket.MSG_DONTWAIT)
+
+    return send_nowait
 
 
 class FrameBuffer:

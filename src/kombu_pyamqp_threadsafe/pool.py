@@ -70,9 +70,15 @@ class PooledChannel:
         self.release(discard=exc_type is not None)
 
     def release(self, discard: bool = False) -> None:
-        """Give the channel back (once; later calls do nothing). ``discard`` closes it."""
-        if self._finalizer.detach() is not None:
+        """Give the channel back (once; later calls do nothing). ``discard`` closes it.
+
+        The finalizer is detached only once the channel is back: an interrupt anywhere in
+        between leaves it armed, and the next acquire() closes the channel unless it is idle
+        or leased again by then (detaching first, an interrupt before _give_back leaked it).
+        """
+        if self._finalizer.alive:
             self._pool._give_back(self, discard)
+            self._finalizer.detach()
 
 
 class ChannelPool:
@@ -151,6 +157,8 @@ class ChannelPool:
         channel = lease._slot.channel
         keep = channel is not None and not discard and self._usable(channel)
         with self._lock:
+            if lease not in self._leases:  # given back already (release() was interrupted)
+                return
             self._leases.discard(lease)
             if keep:
                 self._idle[channel] = None
@@ -163,8 +171,14 @@ class ChannelPool:
     def _close_orphans(self) -> None:
         while self._orphans:
             channel = self._orphans.popleft().channel
-            if channel is not None:
+            if channel is not None and not self._idle_or_leased(channel):
                 self._close(channel)
+
+    def _idle_or_leased(self, channel: Channel) -> bool:
+        """The channel of a dropped lease went back before the lease was dropped."""
+        with self._lock:
+            return channel in self._idle or any(
+                lease._slot.channel is channel for lease in self._leases)
 
     @staticmethod
     def _close(channel: Channel) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import select
 import threading
+from ssl import SSLWantReadError
 from time import monotonic
 from typing import Any
 
@@ -76,7 +77,11 @@ class Reader:
                 if not poller.poll(wait_ms):
                     next_tick = self._heartbeat_tick()
                     continue
-            if not frames.receive(recv_into):
+            try:
+                received = frames.receive(recv_into)
+            except SSLWantReadError:  # TLS: part of a record has arrived; poll for the rest
+                continue
+            if not received:
                 if self.stopping:
                     return
                 raise OSError("Server unexpectedly closed connection")
@@ -87,12 +92,12 @@ class Reader:
                 next_tick = self._heartbeat_tick()
 
     def _heartbeat_tick(self) -> float:
-        """Send a heartbeat when we have been quiet, fail when the server has been."""
+        """Send a heartbeat when we have been quiet, fail when the server has been; write what
+        an interrupted thread left queued. Never blocks (see FrameWriter.write_nowait)."""
         now = monotonic()
         heartbeat = self._heartbeat
-        if heartbeat:
-            if now - self._writer.last_write >= heartbeat / 2:
-                self._writer.try_write_heartbeat()
-            if now - self._last_read > 2 * heartbeat:
-                raise ConnectionForced("Too many heartbeats missed")
+        writer = self._writer
+        writer.write_nowait(bool(heartbeat) and now - writer.last_write >= heartbeat / 2)
+        if heartbeat and now - self._last_read > 2 * heartbeat:
+            raise ConnectionForced("Too many heartbeats missed")
         return now + self._tick

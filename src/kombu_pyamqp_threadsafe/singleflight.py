@@ -8,6 +8,9 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+#: How often a waiter looks whether its leader gave up without waking it.
+STALE_CHECK = 1.0
+
 
 class _Flight:
     __slots__ = ("done",)
@@ -40,17 +43,27 @@ class SingleFlight:
                 return result
             with self._lock:
                 flight = self._flight
-                leader = flight is None
+                # A flight that is done but still recorded lost its leader to an interrupt
+                # between the two steps of its finally: it is over.
+                leader = flight is None or flight.done.is_set()
                 if leader:
                     flight = self._flight = _Flight()
             if leader:
                 try:
                     return fn()
                 finally:
-                    with self._lock:
-                        self._flight = None
-                    flight.done.set()
-            flight.done.wait()
+                    # Waiters are woken first: a second interrupt (dramatiq's TimeLimit) landing
+                    # in here can then only leave a finished flight recorded, which the next
+                    # caller replaces, never waiters waiting on a flight nobody finishes.
+                    try:
+                        flight.done.set()
+                    finally:
+                        with self._lock:
+                            if self._flight is flight:
+                                self._flight = None
+            while not flight.done.wait(STALE_CHECK):
+                if self._flight is not flight:  # its leader was interrupted before waking us
+                    break
 
     def reset(self) -> None:
         """Forget a flight whose thread did not survive fork()."""
