@@ -363,6 +363,8 @@ class ClusterRun:
         self.senders: list[fh.Senders] = []
         self.started = 0.0
         self.home: int | None = None
+        #: Where the connections and the queue were when the fault began (for the notes).
+        self.placement = ""
 
     @property
     def consumer_name(self) -> str:
@@ -376,6 +378,10 @@ class ClusterRun:
             took = now() - started
             with self._lock:
                 self.longest_send = max(self.longest_send, took)
+
+    @property
+    def producer_name(self) -> str:
+        return f"{self.name}-producer"
 
     def _home_node(self) -> int:
         """The node the consumer connection is on (RabbitmqBroker: every connection goes to
@@ -410,8 +416,19 @@ class ClusterRun:
         return senders.start()
 
     def wait_processed(self, count: int) -> None:
+        """Wait until ``count`` ids are processed; note where the connections and the queue
+        are then (the fault comes next)."""
         if not self.ledger.wait_processed(count, self.scale.timeout):
             raise TimeoutError(f"only {self.ledger.processed} of {count} messages processed")
+        if isinstance(self.broker, KombuBroker):
+            listing = self.cluster.connection_nodes(self.vhost)
+            where = {role: listing.get(name) for role, name in
+                     (("consumer", self.consumer_name), ("producer", self.producer_name))}
+        else:
+            where = {"connections": sorted(set(sum(self.cluster.connection_nodes(
+                self.vhost).values(), [])))}
+        where["queue"] = self.cluster.queue_node(self.vhost, self.queue)
+        self.placement = ", ".join(f"{k} on {v}" for k, v in where.items())
 
     def probe(self, since: float, timeout: float) -> float | None:
         """Send one message (retrying until accepted) and wait until it is processed; seconds
@@ -449,6 +466,8 @@ class ClusterRun:
     def finish(self, fault: str) -> ClusterResult:
         """Wait until every sent id was processed and the queue is empty, stop, and count."""
         result = ClusterResult(fault, broker=self.kind, node=self.home)
+        if self.placement:
+            result.notes.append(f"node {self.home} hit; before: {self.placement}")
         deadline = now() + self.scale.timeout
         try:
             for senders in self.senders:
@@ -541,7 +560,7 @@ def kill_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> C
     result = _run_case(cluster, vhost, kind, scale, f"node killed, back after {scale.down:g} s",
                        inject)
     if result.resumed is not None and result.resumed >= scale.down:
-        result.notes.append("waited for the killed node to come back")
+        result.problems.append("waited for the killed node to come back")
     return result
 
 
@@ -558,9 +577,15 @@ def freeze_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) ->
 
         return run.probe_during(start, scale.freeze + scale.timeout / 2, thaw_later)
 
-    return _run_case(cluster, vhost, kind, scale,
-                     f"node frozen {scale.freeze:g} s (heartbeat {scale.heartbeat:g} s)",
-                     inject, heartbeat=scale.heartbeat)
+    result = _run_case(cluster, vhost, kind, scale,
+                       f"node frozen {scale.freeze:g} s (heartbeat {scale.heartbeat:g} s)",
+                       inject, heartbeat=scale.heartbeat)
+    if result.resumed is not None and result.resumed >= scale.freeze:
+        result.problems.append("waited for the frozen node to thaw")
+    if result.longest_send >= 0.9 * scale.freeze:
+        result.problems.append(f"a send() was stuck {result.longest_send:.1f} s, about as long "
+                               "as the node was frozen (a confirm that does not come)")
+    return result
 
 
 def rolling_case(cluster: Cluster, vhost: str, kind: str,

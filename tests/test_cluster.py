@@ -34,3 +34,8 @@ def test_classic_queue_node_killed_logs_queue_and_node_and_loses_nothing(
     check(result)
     assert any("logged:" in note and "home node" in note for note in result.notes), result.notes
 
+
+def test_rolling_restart_loses_nothing(rabbit_cluster, cluster_vhost):
+    """stop_app/start_app of each node in turn under load: nothing lost, the broker works
+    after each node's stop."""
+    check(cf.rolling_case(rabbit_cluster, cluster_vhost, "kombu-quorum", SCALE))
