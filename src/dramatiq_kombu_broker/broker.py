@@ -12,16 +12,22 @@ import amqp
 from amqp.exceptions import AMQPError, ChannelError, PreconditionFailed
 from dramatiq.broker import Broker, Consumer
 from dramatiq.common import current_millis, dq_name, q_name, xq_name
-from dramatiq.errors import QueueJoinTimeout
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
 
-from kombu_pyamqp_threadsafe import KombuConnection, forksafe
+from kombu_pyamqp_threadsafe import (
+    ConnectionStats,
+    KombuConnection,
+    PublishBlockedError,
+    forksafe,
+)
 
 from .consumer import KombuConsumer
 from .errors import QueueArgumentsMismatch
 from .retry import retrying
 from .settings import DEFAULT_MAX_DELAY_MS, BrokerSettings
+from .stats import ConnectionHistory
 from .topology import CLASSIC, existing_queue_type
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,8 @@ logger = logging.getLogger(__name__)
 MAX_ENQUEUE_ATTEMPTS = 6
 #: Attempts of one queue declaration before ConnectionClosed, as RabbitmqBroker.
 MAX_DECLARE_ATTEMPTS = 2
+#: The broker's connections, in the order of _connection_pair().
+ROLES = ("consumer", "producer")
 #: RabbitMQ's reply code for a mandatory message no queue took (the queue was deleted).
 NO_ROUTE = 312
 
@@ -123,6 +131,8 @@ class KombuBroker(Broker):
         # Guards _connections and _connections_pid (one pair per process).
         self._connections_lock = threading.Lock()
         self._connections: tuple[KombuConnection, KombuConnection] | None = None
+        # Each connection's counts across reconnects, for stats().
+        self._histories = {role: ConnectionHistory() for role in ROLES}
         # Each publishing thread's (pool, lease) on the producer connection.
         self._producer_leases = threading.local()
         # Canonical queue names whose three server queues may not exist yet.
@@ -165,6 +175,7 @@ class KombuBroker(Broker):
         self._connections_lock = threading.Lock()
         self._connections = None
         self.queues_pending.update(self.queues)
+        self._histories = {role: ConnectionHistory() for role in ROLES}
 
     def close(self) -> None:
         """Close both connections. Calling it again does nothing more."""
@@ -310,6 +321,10 @@ class KombuBroker(Broker):
             )
         try:
             return use(held[1].channel)
+        except PublishBlockedError:
+            # The channel is fine and is kept: closing it would wait for a Close-Ok the server
+            # does not send while it is not reading a blocked connection.
+            raise
         except BaseException:
             self._producer_leases.held = None
             held[1].release(discard=True)
@@ -318,11 +333,33 @@ class KombuBroker(Broker):
     def _producer_server(self) -> str:
         return self.producer_connection.as_uri()
 
-    @staticmethod
-    def connect(connection: KombuConnection) -> None:
-        """Connect if needed with one attempt (kombu's own retry would sleep 2 s first)."""
+    def connect(self, connection: KombuConnection) -> None:
+        """Connect if needed with one attempt (kombu's own retry would sleep 2 s first).
+
+        Threads that call it at once open one connection between them; a failed attempt moves
+        the connection to the next URL of a failover list. A connection this broker no longer
+        holds (it was closed) is never opened again.
+        """
         if not connection.connected:
+            if connection not in (self._connections or ()):
+                raise ConnectionClosed(f"{self!r} was closed")
             connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+            for role, known in zip(ROLES, self._connections or (None, None), strict=True):
+                if known is connection:
+                    self._histories[role].observe(connection._connection)
+
+    def stats(self) -> dict[str, ConnectionStats]:
+        """What each connection of this process has done: ``{"consumer": ..., "producer": ...}``.
+
+        Counters add up over reconnects (``reconnects`` counts them); ``state``, ``server``,
+        ``channels``, ``blocked`` and ``undispatched`` describe the connection in use now.
+        Cheap enough to call on every scrape: it reads counters, it sends nothing.
+        """
+        pair = self._connections or (None, None)
+        return {
+            role: self._histories[role].stats(getattr(connection, "_connection", None))
+            for role, connection in zip(ROLES, pair, strict=True)
+        }
 
     # -- inspection (tests, join) ----------------------------------------------------------
 

@@ -9,16 +9,20 @@ never overtake it.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import deque
 from contextlib import suppress
+from queue import PriorityQueue
 from typing import TYPE_CHECKING, Any
 
-from amqp.exceptions import AMQPError
+from amqp.exceptions import AMQPError, ConsumerCancelled
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.common import q_name
 from dramatiq.errors import DecodeError
 from dramatiq.message import Message, get_encoder
 
+from .reconnect import RecoveryPolicy
 from .retry import connection_closed
 
 if TYPE_CHECKING:
@@ -38,46 +42,64 @@ class KombuMessage(MessageProxy):
 
 
 class KombuConsumer(Consumer):
-    """Consumes one queue (``q`` or ``q.DQ``) for one dramatiq consumer thread."""
+    """Consumes one queue (``q`` or ``q.DQ``) for one dramatiq consumer thread.
+
+    When its channel or the connection fails, or the server cancels it, the consumer recovers
+    in place: ``__next__`` opens a new channel (reconnecting the shared connection, one new
+    connection for every consumer) and consumes again, with bounded attempts and backoff
+    (:class:`~.reconnect.RecoveryPolicy`). Only when those run out does it raise
+    ConnectionClosed, and dramatiq's consumer thread restarts it after its fixed delay.
+    """
 
     def __init__(self, broker: KombuBroker, queue_name: str, prefetch: int, timeout: int):
         self.broker = broker
         self.queue_name = queue_name
+        self.prefetch = prefetch
         self.timeout = timeout / 1000
         self._buffer: deque[Any] = deque()
         self._closed = False
+        # False from the moment the channel failed until a new one consumes.
+        self._live = False
         self._dropped = 0
-        connection = broker.consumer_connection
+        self._policy = RecoveryPolicy()
+        #: Recoveries in place so far (a restart by dramatiq makes a new consumer).
+        self.recoveries = 0
+        self._kombu = broker.consumer_connection
         try:
-            broker.connect(connection)
-            self.channel = connection.channel()
-            # py-amqp turns a body into str when the message names a content_encoding (kombu
-            # and celery producers do); dramatiq decodes bytes itself.
-            self.channel.auto_decode = False
-            self.connection = self.channel.connection
-            broker.ensure_queues(q_name(queue_name), self.channel)
-            self.channel.basic_qos(0, prefetch, False)
-            self.channel.basic_consume(queue_name, callback=self._buffer.append)
+            self._open()
         except BaseException as exc:
             # dramatiq retries a failed consumer every few seconds: never leave its channel open.
             self._discard_channel()
             if isinstance(exc, (AMQPError, OSError)):
-                raise connection_closed(exc, connection.as_uri()) from None
+                raise connection_closed(exc, self._kombu.as_uri()) from None
             raise
+
+    def _open(self) -> None:
+        """Connect if needed, open a channel, declare the queues and consume."""
+        self.broker.connect(self._kombu)
+        channel = self._kombu.channel()
+        self.channel = channel
+        # py-amqp turns a body into str when the message names a content_encoding (kombu
+        # and celery producers do); dramatiq decodes bytes itself.
+        channel.auto_decode = False
+        self.connection = channel.connection
+        self.broker.ensure_queues(q_name(self.queue_name), channel)
+        channel.basic_qos(0, self.prefetch, False)
+        channel.basic_consume(self.queue_name, callback=self._buffer.append)
+        self._live = True
 
     def __next__(self) -> KombuMessage | None:
         buffer = self._buffer
         if not buffer:
+            if not self._live and not self._recover():
+                return None
             try:
                 self.connection.drain_events(timeout=self.timeout)
             except TimeoutError:
                 return None
             except (AMQPError, OSError) as exc:
-                # The channel or connection is gone (or the server cancelled the consumer
-                # because the queue was deleted): declare the queues again on restart.
-                self._closed = True
-                self.broker.forget_queue(q_name(self.queue_name))
-                raise connection_closed(exc, self.broker.consumer_connection.as_uri()) from None
+                self._lost(exc)
+                return None
             if not buffer:
                 return None
         raw = buffer.popleft()
@@ -101,6 +123,48 @@ class KombuConsumer(Consumer):
             message = message.copy(queue_name=self.queue_name)
         return KombuMessage(message, tag, raw.delivery_info["redelivered"], self.channel)
 
+    def _lost(self, exc: BaseException) -> None:
+        """The channel is gone (or the server cancelled the consumer: the queue was deleted, or
+        its node is down): drop what it delivered, declare the queues again on recovery."""
+        self._live = False
+        self._buffer.clear()
+        self.broker.forget_queue(q_name(self.queue_name))
+        self._policy.lost()
+        logger.warning("Consumer of queue %r lost its channel (%s); consuming again on a new "
+                       "channel (AMQP server %s).", self.queue_name, _describe(exc),
+                       self._kombu.as_uri())
+        _forget_delayed_messages()
+
+    def _recover(self) -> bool:
+        """One recovery attempt if it is due, else wait (at most ``timeout``) for it.
+
+        True once consuming again. Raises ConnectionClosed when the policy gives up, so
+        dramatiq's restart is the last resort. Returns False at once when the consumer was
+        closed or its thread is stopping (a worker shutting down makes no new attempt).
+        """
+        if self._closed or not _thread_running():
+            return False
+        wait = self._policy.wait()
+        if wait > 0:
+            time.sleep(min(wait, self.timeout))
+            return False
+        self._discard_channel()
+        try:
+            self._open()
+        except (AMQPError, OSError) as exc:
+            self._discard_channel()
+            if self._policy.failed() is None:
+                raise connection_closed(exc, self._kombu.as_uri()) from None
+            logger.warning("Consumer of queue %r could not consume again (attempt %d): %s "
+                           "(AMQP server %s).", self.queue_name, self._policy.failures,
+                           _describe(exc), self._kombu.as_uri())
+            return False
+        self._policy.succeeded()
+        self.recoveries += 1
+        logger.info("Consumer of queue %r consumes again (AMQP server %s).", self.queue_name,
+                    self._kombu.as_uri())
+        return True
+
     def ack(self, message: KombuMessage) -> None:
         self._settle(message._channel, message._tag, ack=True)
 
@@ -108,7 +172,7 @@ class KombuConsumer(Consumer):
         self._settle(message._channel, message._tag, ack=False)
 
     def _settle(self, channel: Any, tag: int, ack: bool) -> None:
-        if channel is not self.channel or self._closed:
+        if channel is not self.channel or self._closed or not self._live:
             # Delivery tags are per channel: on a newer channel this tag may name another message.
             self._drop(tag, ack)
             return
@@ -120,7 +184,8 @@ class KombuConsumer(Consumer):
         except (AMQPError, OSError):
             # The channel died under the ack. Its deliveries go back to the queue, so no later
             # attempt can settle this one (dramatiq's retry would only wait 5 s to drop it).
-            self._closed = True
+            # The consumer thread sees the failure too, and recovers; marking it here could
+            # mark the new channel it may have opened meanwhile.
             self._drop(tag, ack)
 
     def _drop(self, tag: int, ack: bool) -> None:
@@ -135,6 +200,7 @@ class KombuConsumer(Consumer):
 
     def close(self) -> None:
         self._closed = True
+        self._live = False
         self._discard_channel()
 
     def _discard_channel(self) -> None:
@@ -146,6 +212,28 @@ class KombuConsumer(Consumer):
 
 _FIELD_TYPES = {"queue_name": str, "actor_name": str, "args": (list, tuple), "kwargs": dict,
                 "options": dict}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConsumerCancelled):
+        return "the server cancelled the consumer: the queue was deleted or is unavailable"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _thread_running() -> bool:
+    """False once dramatiq asked the calling consumer thread to stop."""
+    return getattr(threading.current_thread(), "running", True) is not False
+
+
+def _forget_delayed_messages() -> None:
+    """Clear the calling consumer thread's delayed messages, as dramatiq does on a restart.
+
+    They came from the lost channel, which the server redelivers: kept, each would be enqueued
+    when due AND again when its redelivered copy is due, and its ack would be dropped.
+    """
+    thread = threading.current_thread()
+    if isinstance(getattr(thread, "delay_queue", None), PriorityQueue):
+        thread.delay_queue = PriorityQueue()  # type: ignore[attr-defined]
 
 
 def _check_fields(message: Message) -> None:

@@ -9,6 +9,8 @@ from typing import TypeVar
 from amqp.exceptions import AMQPError
 from dramatiq.errors import ConnectionClosed
 
+from kombu_pyamqp_threadsafe import PublishBlockedError
+
 T = TypeVar("T")
 
 #: Reply codes no retry can fix: access refused, precondition failed (for example a message
@@ -39,7 +41,9 @@ def retrying(action: Callable[[], T], attempts: int, budget: float, server: Call
             if on_error is not None:
                 on_error(exc)
             remaining = deadline - time.monotonic()
-            fatal = getattr(exc, "reply_code", None) in FATAL_REPLY_CODES
+            # Blocked past blocked_timeout: every attempt would wait as long again.
+            fatal = (getattr(exc, "reply_code", None) in FATAL_REPLY_CODES
+                     or isinstance(exc, PublishBlockedError))
             if fatal or attempt == attempts or remaining <= 0:
                 raise connection_closed(exc, server()) from None
             time.sleep(min(pause, remaining))

@@ -17,6 +17,7 @@ from .connection_parameters import (
     split_url_query,
     url_from_parameters,
 )
+from .reconnect import failover_order
 from .topology import CLASSIC, check_queue_options, declarations
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -121,6 +122,11 @@ class BrokerSettings:
             raise ValueError(f"transport_options must be a dict, got {self.transport_options!r}")
         if self.connection_name is not None and not isinstance(self.connection_name, str):
             raise ValueError(f"connection_name must be a string, got {self.connection_name!r}")
+        timeout = self.blocked_timeout
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"blocked_timeout must be a number of seconds >= 0 or None, "
+                             f"got {timeout!r}")
         if not (isinstance(self.max_delay, int) and self.max_delay > 0):
             raise ValueError(f"max_delay must be a positive number of milliseconds, "
                              f"got {self.max_delay!r}")
@@ -154,7 +160,11 @@ class BrokerSettings:
             **options.get("client_properties", {}), "connection_name": f"{name}-{role}",
         }
         options["confirm_publish"] = confirm_publish
-        url: str | list[str] = self.urls if len(self.urls) > 1 else self.urls[0]
+        # Each connection starts on a random node of a failover list, so the workers of a
+        # cluster spread over its nodes; KombuConnection then goes node after node.
+        urls = failover_order(self.urls)
+        options["blocked_timeout"] = self.blocked_timeout
+        url: str | list[str] = urls if len(urls) > 1 else urls[0]
         # No pool limit: each publishing thread keeps a channel (the broker's
         # _with_producer_channel), so the bound is the server's channel_max, whose error says so.
         return KombuConnection(url, heartbeat=self.heartbeat, connect_timeout=self.connect_timeout,

@@ -8,8 +8,10 @@ from .errors import (
     ConnectionClosedError,
     ConnectionLostError,
 )
+from .flow import PublishBlockedError
 from .kombu_connection import KombuConnection
 from .pool import ChannelPool, PooledChannel
+from .stats import ConnectionStats, connection_stats
 from .transport import (
     SSLTransport,
     Transport,
@@ -25,10 +27,13 @@ __all__ = [
     "Connection",
     "ConnectionClosedError",
     "ConnectionLostError",
+    "ConnectionStats",
     "KombuConnection",
     "PooledChannel",
+    "PublishBlockedError",
     "SSLTransport",
     "Transport",
     "add_shared_amqp_transport",
+    "connection_stats",
     "monkeypatch_pyamqp_transport",
 ]

@@ -46,6 +46,8 @@ class Channel(pyamqp.Channel):
         # interrupt in between leaves it True (see basic_publish_confirm).
         self._publishing = False
         self._unconfirmed: dict[int, bool | None] = {}
+        #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
+        self.confirmed = self.nacked = 0
         try:
             super().__init__(connection, channel_id, **kwargs)
         except BaseException:
@@ -109,6 +111,9 @@ class Channel(pyamqp.Channel):
     # Upstream: forgets callbacks and the channel id. Here also the undispatched methods.
     def collect(self) -> None:
         self._mailbox.retire()
+        connection = self.connection
+        if connection is not None:
+            connection.channel_totals.collect(self)
         super().collect()
 
     def _raise_if_failed(self) -> None:
@@ -118,18 +123,25 @@ class Channel(pyamqp.Channel):
             raise failure.for_caller()
 
     # Upstream: any thread may send any method. Here a method that expects a reply is refused,
-    # before anything is written, unless the calling thread owns the channel.
+    # before anything is written, unless the calling thread owns the channel; while the server
+    # blocks the connection it is written only once unblocked (up to blocked_timeout).
     def send_method(self, sig: Any, *args: Any, **kwargs: Any) -> Any:
         self._raise_if_failed()
         if sig not in ANY_THREAD_METHODS:
             self._check_owner()
+            if kwargs.get("wait") is not None and self.connection is not None:
+                # Its reply would not come while the server blocks the connection (flow.py). A
+                # close does not wait (closing a pool would take blocked_timeout per channel):
+                # while blocked it raises at once and the channel goes with its connection.
+                self.connection.flow.wait_before_write(0.0 if sig == spec.Channel.Close else None)
         return super().send_method(sig, *args, **kwargs)
 
     # Upstream: before every publish drains the connection once (timeout=0) to notice a
     # connection.blocked notification, and sets the socket's timeout around the write. Here the
     # reader thread handles connection.blocked as it arrives, and a timeout bounds the wait
     # for the write lock when a publish has to wait for it (FrameWriter), so a publish is one
-    # write. A collected channel raises why its connection stopped.
+    # write; a blocked connection is waited out before writing, up to blocked_timeout (flow.py).
+    # A collected channel raises why its connection stopped.
     def _basic_publish(self, msg: Any, exchange: str = "", routing_key: str = "",
                        mandatory: bool = False, immediate: bool = False,
                        timeout: float | None = None, confirm_timeout: float | None = None,
@@ -138,6 +150,7 @@ class Channel(pyamqp.Channel):
         connection = self.connection
         if connection is None:
             raise RecoverableConnectionError("basic_publish: connection closed")
+        connection.flow.wait_before_write(timeout)
         args = (0, exchange, routing_key, mandatory, immediate)
         if timeout is None:
             return self.send_method(spec.Basic.Publish, argsig, args, msg)
@@ -249,6 +262,10 @@ class Channel(pyamqp.Channel):
             self._wait_for_confirm(seq, confirm_timeout or kwargs.get("timeout"))
         finally:
             outcome = self._unconfirmed.pop(seq, None)
+        if outcome:
+            self.confirmed += 1
+        elif outcome is False:
+            self.nacked += 1
         if outcome is False:
             raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
         return result
@@ -264,7 +281,9 @@ class Channel(pyamqp.Channel):
 
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
         """Until the confirm of ``seq``; with no timeout, woken by the connection's failure
-        or by another thread closing the channel (drain_events checks the owner)."""
+        or by another thread closing the channel (drain_events checks the owner); while the
+        server blocks the connection, at most until blocked_timeout after the block began
+        (flow.py)."""
         deadline = None if timeout is None else monotonic() + timeout
         inbox = None
         while self._unconfirmed.get(seq) is None:
@@ -275,11 +294,15 @@ class Channel(pyamqp.Channel):
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
+            wait = connection.flow.bound_confirm_wait(remaining)
             local = connection._local
             previous = getattr(local, "waiting_on", None)
             try:
                 local.waiting_on = self
-                connection.drain_events(timeout=remaining)
+                connection.drain_events(timeout=wait)
+            except TimeoutError:
+                if wait == remaining:
+                    raise
             finally:
                 local.waiting_on = previous
 

@@ -27,9 +27,11 @@ from kombu.transport import pyamqp
 from . import forksafe
 from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
+from .flow import FlowControl
 from .frames import FrameWriter
 from .inbox import Inbox
 from .reader import Reader
+from .stats import ChannelTotals
 from .tls import TLSSocket
 
 logger = logging.getLogger(__name__)
@@ -104,9 +106,20 @@ class Connection(pyamqp.Connection):
 
     Channel = Channel
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    # Upstream: Connection.Blocked is read without its argument, so the server's reason is lost
+    # (on_blocked gets "connection blocked, see broker logs"). Here its reason is read.
+    _METHODS = {**pyamqp.Connection._METHODS,
+                spec.Connection.Blocked: spec.method(spec.Connection.Blocked, "s")}
+
+    def __init__(self, *args: Any, blocked_timeout: float | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("frame_writer", FrameWriter)
         super().__init__(*args, **kwargs)
+        #: Blocked by the server or not (set by the reader, waited on before each publish).
+        self.flow = FlowControl(self.host, blocked_timeout)
+        #: Methods received, by signature (counted by the reader; stats.py).
+        self.received: dict[Any, int] = {}
+        #: Confirms counted by channels already collected (stats.py).
+        self.channel_totals = ChannelTotals()
         # Guards _inboxes and the first assignment of _failure (so every inbox that exists
         # when the connection fails is woken exactly once).
         self._inboxes_lock = threading.Lock()
@@ -193,6 +206,8 @@ class Connection(pyamqp.Connection):
     # only connection-level methods (channel 0) and hands the rest to the owner's inbox.
     def on_inbound_method(self, channel_id: int, method_sig: Any, payload: Any,
                           content: Any) -> Any:
+        received = self.received
+        received[method_sig] = received.get(method_sig, 0) + 1
         if channel_id == 0 or self._reader is None:
             return super().on_inbound_method(channel_id, method_sig, payload, content)
         channels = self.channels
@@ -277,6 +292,22 @@ class Connection(pyamqp.Connection):
             self.send_method(spec.Connection.CloseOk)
         raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
 
+    # Upstream: calls on_blocked; kombu then notices the block only when it drains the connection
+    # before its next publish. Here the reader records it, so publishers wait before they write
+    # (see flow.py); threads waiting for a confirm are woken to bound that wait.
+    def _on_blocked(self, reason: str = "") -> None:
+        if self.flow.block(reason):
+            with self._inboxes_lock:
+                inboxes = list(self._inboxes)
+            for inbox in inboxes:
+                inbox.wake()
+        if self.on_blocked:
+            self.on_blocked(reason)
+
+    def _on_unblocked(self) -> None:
+        self.flow.unblock()
+        super()._on_unblocked()
+
     # Upstream: Close-Ok collects the connection. Here it tells close() that the server is done.
     def _on_close_ok(self) -> None:
         reader = self._reader
@@ -306,6 +337,7 @@ class Connection(pyamqp.Connection):
                 return False
             self._failure = failure
             inboxes = list(self._inboxes)
+        self.flow.end()
         transport = self._transport
         if transport is not None:
             transport.connected = False

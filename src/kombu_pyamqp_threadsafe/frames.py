@@ -113,6 +113,8 @@ class FrameWriter:
         self._order_lock = threading.Lock()
         # Ids of channels whose Close or Close-Ok is queued and that are not open again.
         self._closing: set[int] = set()
+        #: Methods queued to be written, by signature (counted under _order_lock; stats.py).
+        self.sent: dict[Any, int] = {}
         self.last_write = monotonic()
 
     def __call__(
@@ -160,6 +162,8 @@ class FrameWriter:
             elif channel in closing:
                 logger.debug("channel %s is closed: dropped %s", channel, method_sig)
                 return False
+            sent = self.sent
+            sent[method_sig] = sent.get(method_sig, 0) + 1
             self._queued.append(data)
         return True
 
@@ -203,6 +207,7 @@ class FrameWriter:
         self._order_lock = threading.Lock()
         self._queued = deque()
         self._closing = set()
+        self.sent = {}
 
     def _write_waiting(self, data: bytes, channel: int, method_sig: Any,
                        timeout: float | None) -> None:

@@ -174,6 +174,10 @@ class Mailbox:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
+    def pending_count(self) -> int:
+        """Any thread: how many methods wait for the owner (for stats)."""
+        return len(self._pending)
+
     def post(self, method: Method) -> Inbox:
         """Reader thread: keep ``method``; returns the inbox to ring for it.
 

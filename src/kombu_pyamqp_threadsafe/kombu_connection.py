@@ -55,9 +55,32 @@ class KombuConnection(kombu.Connection):
     # racing here open one connection each. Here one thread connects and the rest wait for it.
     def _ensure_connection(self, *args: Any, **kwargs: Any) -> Any:
         return self._connecting.run(
-            lambda: super(KombuConnection, self)._ensure_connection(*args, **kwargs),
+            lambda: self._connect_in_turn(args, kwargs),
             lambda: self._connection if self.connected else None,
         )
+
+    # Upstream: moves to the next failover URL only between the retries of one call, so a call
+    # with max_retries=0 (or one whose retries ran out) leaves the URL that just failed for the
+    # next call, and a lost connection is opened again on the node it was lost on. Here a
+    # failed call and a lost connection both move on: every connect and reconnect goes node
+    # after node. Runs in the single flight, so no other thread connects meanwhile.
+    def _connect_in_turn(self, args: tuple, kwargs: dict) -> Any:
+        if self._connection is not None and not self.connected:
+            self.maybe_switch_next()
+        try:
+            return super()._ensure_connection(*args, **kwargs)
+        except Exception:
+            self.maybe_switch_next()
+            raise
+
+    # Upstream: takes the transport from the new URL's scheme, so failing over to an amqp://
+    # URL fell back to kombu's own pyamqp transport (one socket reader per calling thread).
+    # Here the URL is mapped to the thread-safe transport, as __init__ maps the first one.
+    def switch(self, conn_str: str) -> None:
+        super().switch(conn_str)
+        _, kwargs = _with_thread_safe_transport((conn_str,), {"ssl": self.ssl})
+        if "transport" in kwargs:
+            self.transport_cls = kwargs["transport"]
 
     # Upstream: drops the connection unconditionally; kombu's ensure() calls it after every
     # connection error, so one thread's late error would drop the fresh connection another

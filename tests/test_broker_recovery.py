@@ -1,0 +1,328 @@
+"""Recovery in place and failover: a consumer consumes again on a new channel inside its own
+``__next__`` after a loss, and every connect goes node after node through the failover list.
+
+Against the real server (a refused port and a proxy stand in for other nodes); the policy is
+pure logic and is tested without a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+
+import amqp
+import dramatiq
+import pytest
+
+from broker_helpers import Recorder, close_connections_named, raw_channel, unique, wait_until
+from dramatiq_kombu_broker import reconnect
+from dramatiq_kombu_broker.consumer import KombuConsumer
+from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order
+from kombu_pyamqp_threadsafe.connection import Connection as ThreadSafeConnection
+from stress import rabbit_admin
+from transport_helpers import Proxy
+
+DRAMATIQ_RESTART = "Consumer encountered a connection error"
+
+# ------------------------------------------------------------------------------ pure logic
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failover_order_starts_anywhere_and_keeps_the_given_order():
+    urls = ["a", "b", "c", "d"]
+    orders = {tuple(failover_order(urls, random.Random(seed))) for seed in range(200)}
+    assert orders == {("a", "b", "c", "d"), ("b", "c", "d", "a"), ("c", "d", "a", "b"),
+                      ("d", "a", "b", "c")}
+    assert failover_order(["only"]) == ["only"]
+    with pytest.raises(ValueError, match="no URL"):
+        failover_order([])
+
+
+def test_recovery_policy_first_attempt_at_once_then_doubling_pauses_up_to_a_cap():
+    clock = FakeClock()
+    policy = RecoveryPolicy(attempts=6, first_delay=0.1, max_delay=0.5, budget=60, clock=clock)
+    assert not policy.recovering
+    policy.lost()
+    assert policy.recovering and policy.wait() == 0
+    delays = []
+    for _ in range(5):
+        delay = policy.failed()
+        assert delay is not None and policy.wait() == pytest.approx(delay)
+        clock.now += delay
+        delays.append(delay)
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5])
+    assert policy.failed() is None  # the sixth attempt failed: give up
+    assert not policy.recovering
+
+
+def test_recovery_policy_gives_up_at_its_deadline_and_starts_afresh_after_success():
+    clock = FakeClock()
+    policy = RecoveryPolicy(attempts=100, first_delay=1, max_delay=1, budget=2.5, clock=clock)
+    policy.lost()
+    clock.now += 1.0
+    assert policy.failed() == 1
+    clock.now += 1.0
+    assert policy.failed() == pytest.approx(0.5)  # never past the deadline
+    clock.now += 0.5
+    assert policy.failed() is None
+    policy.lost()
+    assert policy.failed() == 1 and policy.failures == 1
+    policy.succeeded()
+    assert not policy.recovering and policy.failures == 0
+    policy.lost()
+    policy.lost()  # a second loss during one recovery keeps its deadline
+    clock.now += 2.5
+    assert policy.failed() is None
+
+
+def test_recovery_policy_needs_an_attempt():
+    with pytest.raises(ValueError, match="attempts"):
+        RecoveryPolicy(attempts=0)
+
+
+# ---------------------------------------------------------------------------------- failover
+
+
+def _refused_port() -> int:
+    """A port nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _url_at(amqp_url: str, port: int) -> str:
+    return amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{port}")
+
+
+def test_each_connection_starts_on_a_random_node(env, amqp_url):
+    urls = [_url_at(amqp_url, port) for port in (5672, 5673, 5674)]
+    broker = env.broker(url=urls)
+    starts = {broker.settings.connection("consumer", confirm_publish=False).port
+              for _ in range(60)}
+    assert starts == {5672, 5673, 5674}
+
+
+def test_failover_goes_node_after_node_on_every_connect_and_reconnect(
+        env, vhost, amqp_url, monkeypatch):
+    """Before the fix every connect stayed on the first URL (a refused port here): the broker
+    never reached the second node; and a failover fell back to kombu's own transport."""
+    refused = _refused_port()
+    with Proxy() as proxy:
+        urls = [_url_at(amqp_url, port) for port in (refused, 5672, proxy.port)]
+        monkeypatch.setattr(reconnect.random, "randrange", lambda n: 0)  # start at the first
+        broker = env.broker(url=urls, connect_timeout=2)
+        queue = unique()
+        producer = broker.producer_connection
+        assert producer.port == refused
+
+        broker.declare_queue(queue, ensure=True)  # refused, then the next node
+        assert producer.port == 5672
+        assert isinstance(producer.connection, ThreadSafeConnection)
+
+        # A lost connection is opened again on the next node, not on the one it was lost on.
+        name = f"{env.connection_name}-producer"
+        assert close_connections_named(name, vhost, "test: node lost") == 1
+        wait_until(lambda: not producer.connected, timeout=10)
+        broker.declare_queue(queue, ensure=True)
+        assert producer.port == proxy.port and proxy.accepted == 1
+        assert isinstance(producer.connection, ThreadSafeConnection)
+
+        # And round again: the proxy's node is lost, the refused one is skipped.
+        proxy.kill()
+        wait_until(lambda: not producer.connected, timeout=10)
+        broker.declare_queue(queue, ensure=True)
+        assert producer.port == 5672
+        assert rabbit_admin.count_connections(name, vhost=vhost) == 1
+
+
+# --------------------------------------------------------------------------- recovery in place
+
+
+def _consumers(worker) -> dict[str, KombuConsumer]:
+    return {queue: thread.consumer for queue, thread in worker.consumers.items()}
+
+
+def _restarts(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if DRAMATIQ_RESTART in r.getMessage()]
+
+
+def test_consumer_recovers_in_place_after_its_connection_is_closed(env, vhost, caplog):
+    """Before the fix the consumer raised ConnectionClosed to dramatiq's consumer thread, which
+    logged it and restarted the consumer after its fixed 3 s."""
+    caplog.set_level(logging.INFO)
+    broker = env.broker()
+    queue = unique()
+    seen = Recorder()
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def work(i):
+        seen.add(i)
+
+    worker = env.worker(broker, threads=8)
+    for i in range(100):
+        work.send(i)
+    assert seen.wait_for(lambda items: len(set(items)) == 100, timeout=30)
+    before = _consumers(worker)
+    assert len(before) == 2
+
+    name = f"{env.connection_name}-consumer"
+    assert close_connections_named(name, vhost, "test: consumer connection lost") == 1
+    closed = time.monotonic()
+    for i in range(100, 200):
+        work.send(i)
+    assert seen.wait_for(lambda items: len(set(items)) == 200, timeout=30), (
+        sorted(set(range(200)) - set(seen.snapshot()))[:20])
+    resumed = time.monotonic() - closed
+    # Both consumers (q and q.DQ) recovered in place: the same objects, not restarted.
+    assert _consumers(worker) == before
+    assert all(consumer.recoveries == 1 for consumer in before.values())
+    assert _restarts(caplog) == []
+    assert resumed < 2.5  # dramatiq's restart alone waits 3 s
+    assert rabbit_admin.count_connections(name, vhost=vhost) == 1
+
+
+def test_acks_of_the_lost_channel_are_dropped_never_sent_on_the_new_one(env, vhost, caplog):
+    caplog.set_level(logging.INFO)
+    broker = env.broker()
+    queue = unique()
+    release = threading.Event()
+    seen = Recorder()
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
+    def hold(tag):
+        seen.add(tag)
+        if tag == "held":
+            release.wait(30)
+
+    worker = env.worker(broker, threads=2)
+    hold.send("held")
+    assert seen.wait(1, timeout=15)
+    consumer = _consumers(worker)[queue]
+    old_channel = consumer.channel
+    assert close_connections_named(f"{env.connection_name}-consumer", vhost, "test: lost") == 1
+    assert wait_until(lambda: consumer.recoveries == 1, timeout=15)
+    assert consumer.channel is not old_channel
+    release.set()  # its ack is for the lost channel: dropped, the server redelivers the message
+    assert seen.wait_for(lambda items: items.count("held") == 2, timeout=15), seen.snapshot()
+    assert wait_until(lambda: any("Dropped ack" in r.getMessage() for r in caplog.records),
+                      timeout=15)
+    # The new channel never saw a stray tag (the server would close it: PRECONDITION_FAILED).
+    hold.send("after")
+    assert seen.wait_for(lambda items: "after" in items, timeout=15)
+    broker.join(queue, timeout=10_000)
+    assert consumer.recoveries == 1 and consumer.channel.is_open
+
+
+def test_one_new_connection_for_all_consumers_after_a_loss(env, vhost):
+    broker = env.broker()
+    queues = [unique() for _ in range(4)]
+    seen = Recorder()
+    for index, queue in enumerate(queues):
+        dramatiq.actor(lambda i: seen.add(i), broker=broker, queue_name=queue,
+                       actor_name=f"recover_{index}")
+    worker = env.worker(broker, threads=4)
+    assert wait_until(lambda: len(worker.consumers) == 8 and all(_consumers(worker).values()),
+                      timeout=15)
+    consumers = _consumers(worker)
+    connection = broker.consumer_connection
+    assert wait_until(lambda: connection.connected, timeout=10)
+    opened = Recorder()
+    establish = connection._establish_connection
+
+    def counting():
+        opened.add(threading.current_thread().name)
+        return establish()
+
+    connection._establish_connection = counting
+    assert close_connections_named(f"{env.connection_name}-consumer", vhost, "test: lost") == 1
+    assert wait_until(lambda: all(c.recoveries == 1 for c in consumers.values()), timeout=15), (
+        {q: c.recoveries for q, c in consumers.items()})
+    assert len(opened) == 1, opened.snapshot()
+    for index, queue in enumerate(queues):
+        broker.enqueue(dramatiq.Message(queue_name=queue, actor_name=f"recover_{index}",
+                                        args=(index,), kwargs={}, options={}))
+    assert seen.wait_for(lambda items: set(items) == set(range(4)), timeout=15)
+    assert rabbit_admin.count_connections(f"{env.connection_name}-consumer", vhost=vhost) == 1
+
+
+def test_queue_deleted_under_a_running_worker_is_declared_again(env, vhost, amqp_url, caplog):
+    """The server cancels the consumer of a deleted queue: it declares the queue again itself
+    and consumes on, before any message is sent (dramatiq's restart took 3 s before)."""
+    caplog.set_level(logging.INFO)
+    broker = env.broker()
+    queue = unique()
+    seen = Recorder()
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def work(i):
+        seen.add(i)
+
+    worker = env.worker(broker, threads=2)
+    work.send(0)
+    assert seen.wait(1, timeout=15)
+    consumer = _consumers(worker)[queue]
+    with raw_channel(amqp_url) as channel:
+        channel.queue_delete(queue)
+        deleted = time.monotonic()
+        connection = channel.connection
+
+        def declared_again() -> bool:
+            try:
+                connection.channel().queue_declare(queue, passive=True)
+            except amqp.exceptions.NotFound:
+                return False
+            return True
+
+        assert wait_until(declared_again, timeout=10, interval=0.02)
+        assert time.monotonic() - deleted < 1.5
+    assert wait_until(lambda: consumer.recoveries == 1, timeout=10)
+    assert any("cancelled the consumer" in r.getMessage() and queue in r.getMessage()
+               for r in caplog.records)
+    for i in range(1, 11):
+        work.send(i)
+    assert seen.wait_for(lambda items: set(range(11)) <= set(items), timeout=15)
+    assert _restarts(caplog) == []
+
+
+def test_worker_stops_promptly_while_its_consumers_cannot_reconnect(env, vhost, amqp_url, caplog):
+    """A consumer that cannot reconnect waits between attempts at most its timeout, and makes
+    no new attempt once the worker stops (before: dramatiq slept its 3 s restart delay)."""
+    caplog.set_level(logging.INFO)
+    proxy = Proxy()
+    try:
+        broker = env.broker(url=_url_at(amqp_url, proxy.port), connect_timeout=2)
+        queue = unique()
+        dramatiq.actor(lambda: None, broker=broker, queue_name=queue, actor_name="idle")
+        worker = env.worker(broker, threads=2)
+        connection = broker.consumer_connection
+        assert wait_until(lambda: len(worker.consumers) == 2 and all(
+            c is not None and c.channel.is_open for c in _consumers(worker).values()),
+            timeout=10)
+        refused = Recorder()
+        establish = connection._establish_connection
+
+        def failing():
+            try:
+                return establish()
+            except OSError as exc:
+                refused.add(exc)
+                raise
+
+        connection._establish_connection = failing
+        proxy.close()  # the listener goes: every reconnect is refused
+        assert refused.wait(2, timeout=15)
+        started = time.monotonic()
+        env.stop_worker(worker)
+        assert time.monotonic() - started < 2.0
+    finally:
+        proxy.close()
