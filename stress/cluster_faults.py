@@ -270,8 +270,8 @@ class ClusterScale:
 
 
 SCRIPT_SCALE = ClusterScale()
-PYTEST_SCALE = ClusterScale(messages=2000, send_rate=250.0, down=10.0, freeze=6.0,
-                            heartbeat=2.0, settle=1.0, timeout=120.0)
+PYTEST_SCALE = ClusterScale(messages=1200, send_rate=300.0, down=6.0, freeze=6.0,
+                            heartbeat=2.0, settle=0.5, timeout=120.0)
 
 
 @dataclass
