@@ -788,7 +788,8 @@ CLUSTER_NOTE = (
     "On the local 3-node cluster (scripts/rabbitmq-cluster, three RabbitMQ nodes on the same "
     "2 cores), every broker given the three URLs; 'KombuBroker (quorum queues)' declares "
     "quorum queues (replicated on the 3 nodes), the others classic queues. Peak connections "
-    "count only those to the first node's port.")
+    "count only those to the first node's port: KombuBroker's two connections start at a "
+    "random node, so it shows 0 to 2.")
 
 
 def cluster_bench_defaults(args: argparse.Namespace) -> None:
