@@ -141,8 +141,8 @@ class Cluster:
         self.ctl("stop_app", node=node, timeout=120)
 
     def start_app(self, node: int) -> None:
+        """``rabbitmqctl start_app``, which returns once the app runs."""
         self.ctl("start_app", node=node, timeout=180)
-        self.ctl("await_startup", node=node, timeout=180)
         self.down.discard(node)
 
     def heal(self) -> None:
