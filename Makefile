@@ -3,8 +3,7 @@
 # One virtualenv per interpreter: `make suite PYTHON=python3.13 VENV=.venv313` (as .ci/run does).
 PYTHON ?= python3
 VENV ?= .venv
-AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
-export AMQP_URL
+# AMQP_URL (environment or command line) reaches the recipes; unset, each tool uses its default.
 
 PYTEST_ARGS ?=
 STRESS_ARGS ?=
@@ -15,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Lint every Python directory of the repository.
 LINT_PATHS := $(wildcard src tests stress examples)
 
-.PHONY: venv rabbitmq lint test suite stress bench cluster cluster-stop clean
+.PHONY: venv rabbitmq lint typecheck test suite stress bench cluster cluster-stop clean
 
 # A venv made by another interpreter than PYTHON is an error (pick another VENV), never reused.
 define check_venv_python
@@ -44,6 +43,12 @@ rabbitmq:
 
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+# mypy and pyright on src/, settings in pyproject.toml; typings/ holds the stubs of py-amqp.
+# pyright runs on Node.js (the pyright package fetches its npm build on first use).
+typecheck: venv
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pyright --pythonpath "$(VENV_PY)"
 
 test: venv rabbitmq lint
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)

@@ -37,7 +37,7 @@ class AnnounceBoot(Middleware):
 
 
 broker = KombuBroker(
-    url=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    url=os.environ.get("AMQP_URL") or None,  # None: KombuBroker's default
     connection_name=f"{CONNECTION_NAME}-{os.getpid()}",
 )
 broker.add_middleware(AnnounceBoot())

@@ -25,6 +25,7 @@ import time
 import dramatiq
 from dramatiq import Message
 
+from stress import rabbit_admin
 from stress.workload import SEND_ATTEMPTS, define_hop_actor, logger, make_broker
 
 RESULT_ACTOR = "stress_result"
@@ -37,7 +38,7 @@ DEADLINE = float(_deadline_text) if _deadline_text else None
 
 broker = make_broker(
     _env.get("STRESS_BROKER", "kombu"),
-    _env.get("STRESS_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    _env.get("STRESS_URL") or rabbit_admin.amqp_url(),
     _env.get("STRESS_CONNECTION_NAME", "stress-cli"),
 )
 dramatiq.set_broker(broker)

@@ -40,9 +40,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dramatiq_kombu_broker.topology import declarations, queue_arguments
+from stress import rabbit_admin
 from stress.cluster_faults import (
     CLUSTER_NOTE,
     bench_broker,
@@ -54,12 +57,12 @@ from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     amqp_port,
-    base_url,
     dedicated_vhost,
     emit_result,
     fmt_mib,
     fmt_ms,
     fmt_rate,
+    int_list,
     latency_summary,
     machine_line,
     markdown_table,
@@ -67,10 +70,12 @@ from stress.common import (
     run_case,
     short_error,
     socket_headroom,
+    split,
     spread,
     url_for_vhost,
     write_result,
 )
+from stress.polling import poll
 from stress.workload import (
     HOP_STRIDE,
     LogCounter,
@@ -79,7 +84,6 @@ from stress.workload import (
     define_hop_actor,
     make_broker,
     seed_chains,
-    split,
     tracker_recorder,
 )
 
@@ -103,8 +107,7 @@ def _queue_admin(url: str, queue: str, *, declare: bool = False, delete: bool = 
         channel = conn.channel()
         if declare:
             channel.queue_declare(queue=queue, durable=True, auto_delete=False,
-                                  arguments={"x-dead-letter-exchange": "",
-                                             "x-dead-letter-routing-key": f"{queue}.XQ"})
+                                  arguments=queue_arguments(queue, None))
         if preload:
             import amqp
 
@@ -113,19 +116,14 @@ def _queue_admin(url: str, queue: str, *, declare: bool = False, delete: bool = 
                 channel.basic_publish(amqp.Message(body, delivery_mode=2), exchange="",
                                       routing_key=queue)
         if delete:
-            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+            for name, _ in declarations(queue, None):
                 with contextlib.suppress(Exception):
                     channel.queue_delete(queue=name)
         channel.close()
 
 
-def _wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
+def _wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    return poll(predicate, bool, timeout, interval)
 
 
 def run_one(case: dict[str, Any]) -> dict[str, Any]:
@@ -464,10 +462,6 @@ def plot(args: argparse.Namespace, cases: list[dict], results: dict[Key, list[di
 # ---------------------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -480,12 +474,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cluster", action="store_true",
                         help="run on the local 3-node cluster (started if needed): "
                              "send-the-next at 50 and 300 threads, enqueue at 64")
-    parser.add_argument("--enqueue-threads", type=_int_list, default=None,
+    parser.add_argument("--enqueue-threads", type=int_list, default=None,
                         help="default 1,8,64")
     parser.add_argument("--enqueue-messages", type=int, default=None, help="default 3000")
-    parser.add_argument("--drain-threads", type=_int_list, default=None, help="default 8,64")
+    parser.add_argument("--drain-threads", type=int_list, default=None, help="default 8,64")
     parser.add_argument("--drain-messages", type=int, default=None, help="default 5000")
-    parser.add_argument("--chain-threads", type=_int_list, default=None,
+    parser.add_argument("--chain-threads", type=int_list, default=None,
                         help="default 8,50,300,900")
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per send-the-next case (default 15)")
@@ -545,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     started = time.monotonic()
     with bench_cluster() if args.cluster else dedicated_vhost("bench") as vhost:
-        url = cluster_url(vhost) if args.cluster else url_for_vhost(base_url(), vhost)
+        url = cluster_url(vhost) if args.cluster else url_for_vhost(rabbit_admin.amqp_url(), vhost)
         print(f"vhost {vhost}; {runs_total} case runs", file=sys.stderr)
         for rep in range(args.repeat):
             for index, case in enumerate(cases):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import socket
 import ssl
@@ -45,15 +46,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     amqp_port,
-    base_url,
     dedicated_vhost,
     emit_result,
     fmt_ms,
     fmt_rate,
+    int_list,
     latency_summary,
     machine_line,
     markdown_table,
@@ -61,6 +63,7 @@ from stress.common import (
     run_case,
     short_error,
     socket_headroom,
+    split,
     spread,
     url_for_vhost,
     write_result,
@@ -85,11 +88,6 @@ def _publish_loop(producer: Any, count: int, queue: str, body: bytes, delivery_m
                 content_type="application/octet-stream", content_encoding="binary", retry=False)
         local.append(perf() - t0)
     latencies.extend(local)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _declare(url: str, *names: str) -> None:
@@ -137,7 +135,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     _declare(admin_url, queue, idle_queue)
 
     sampler = ProcessSampler(amqp_port(url)).start()
-    counts = _split(case["messages"], threads)
+    counts = split(case["messages"], threads)
     latencies: list[float] = []
     errors: list[str] = []
     barrier = threading.Barrier(threads + 1)
@@ -212,10 +210,13 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(threading.BrokenBarrierError):
         barrier.wait(max(1.0, deadline - time.monotonic()))
     started = time.perf_counter()
+    cpu_started = os.times()
     result["setup_s"] = started - setup_started
     for t in workers:
         t.join()
     elapsed = time.perf_counter() - started
+    cpu_ended = os.times()
+    cpu_s = (cpu_ended.user - cpu_started.user) + (cpu_ended.system - cpu_started.system)
 
     if shared is not None and idle_thread is not None:
         # The idle consumer was blocked in drain_events(timeout=None) the whole time: it must
@@ -242,6 +243,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         "published": published,
         "elapsed_s": elapsed,
         "rate": published / elapsed if elapsed > 0 and not errors else None,
+        "cpu_us": 1e6 * cpu_s / published if published else None,
         "connections_held": sampler.peak_sockets,
         "peak_rss": sampler.peak_rss,
         "peak_threads": sampler.peak_threads,
@@ -272,7 +274,8 @@ def tls_endpoint(target: tuple[str, int]) -> Any:
         proc = subprocess.Popen(
             ["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,"
              f"cert={files['cert']},key={files['key']},verify=0",
-             f"TCP:{target[0]}:{target[1]}"], stdin=subprocess.DEVNULL)
+             f"TCP:{target[0]}:{target[1]}"], stdin=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)  # else the readiness probe logs an SSL_accept error
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -289,6 +292,10 @@ def tls_endpoint(target: tuple[str, int]) -> Any:
 
 
 # ----------------------------------------------------------------------------------- the table
+
+
+def _fmt_us(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f} us"
 
 
 def _label(variant: str, confirm: bool) -> str:
@@ -313,7 +320,7 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
                         "not run")
                     rows.append([_label(variant, confirm), threads,
                                  held or "—", "FAILED" if not skipped else "skipped", "—", "—",
-                                 "—", why])
+                                 "—", "—", why])
                     continue
                 rates = [r["rate"] for r in ok]
                 lo_hi = spread(rates)
@@ -330,11 +337,12 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
                     f"{fmt_rate(lo_hi[0])}–{fmt_rate(lo_hi[1])}" if lo_hi else "—",
                     fmt_ms(median_or_none([r["p50"] for r in ok])),
                     fmt_ms(median_or_none([r["p99"] for r in ok])),
+                    _fmt_us(median_or_none([r.get("cpu_us") for r in ok])),
                     note,
                 ])
     table = markdown_table(
         ["case", "threads", "connections held", "msgs/s (median)", "msgs/s min–max",
-         "p50 publish", "p99 publish", "notes"], rows)
+         "p50 publish", "p99 publish", "client CPU/msg", "notes"], rows)
     body = "persistent" if args.persistent else "transient"
     notes.append(
         f"{args.messages:,} messages per case without confirms, {args.messages_confirm:,} with "
@@ -346,7 +354,9 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
         "sampled every 0.5 s). Latency = duration of one `Producer.publish()` call (with "
         "confirms: until the broker's ack). The shared case keeps a consumer thread blocked in "
         "`drain_events(timeout=None)` on the same connection throughout; 'woke' = it received "
-        "the one message sent to it after the publishers finished (time to wake in brackets).")
+        "the one message sent to it after the publishers finished (time to wake in brackets). "
+        "Client CPU/msg = user + system CPU time of the benchmark process while publishing, "
+        "per message (less sensitive to other load on the machine than msgs/s).")
     if any(r.get("skipped") for runs in results.values() for r in runs):
         notes.append(
             "skipped: RabbitMQ 3.x stops accepting handshakes at its socket limit (832 with "
@@ -369,14 +379,10 @@ def render(args: argparse.Namespace, results: dict[tuple[bool, int, str], list[d
 # ---------------------------------------------------------------------------------------- main
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=_int_list, default=[1, 10, 100, 900],
+    parser.add_argument("--threads", type=int_list, default=[1, 10, 100, 900],
                         help="comma-separated thread counts (default 1,10,100,900)")
     parser.add_argument("--repeat", type=int, default=3, help="repeats per case (default 3)")
     parser.add_argument("--messages", type=int, default=40000,
@@ -429,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         vhost = stack.enter_context(dedicated_vhost("transport"))
-        admin_url = url = url_for_vhost(base_url(), vhost)
+        admin_url = url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
         tls = None
         if args.tls:
-            parts = urlsplit(base_url())
+            parts = urlsplit(rabbit_admin.amqp_url())
             port, ca = stack.enter_context(tls_endpoint(
                 (parts.hostname or "127.0.0.1", parts.port or 5672)))
             url = url_for_vhost(f"amqps://{parts.username}:{parts.password}@localhost:{port}/",

@@ -31,16 +31,10 @@ from stress import rabbit_admin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RESULT_PREFIX = "RESULT "
 
 
 # ------------------------------------------------------------------------------------ URLs, vhost
-
-
-def base_url() -> str:
-    """The server to use: ``AMQP_URL`` or the local default."""
-    return os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL
 
 
 def url_for_vhost(url: str, vhost: str) -> str:
@@ -234,6 +228,20 @@ class ServerConnectionPoller:
         while not self._stop.is_set():
             self.poll()
             self._stop.wait(self.interval)
+
+
+# ------------------------------------------------------------------------- arguments, shares
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: ``"1,8,64"`` -> ``[1, 8, 64]``."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal non-negative integers."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 # ---------------------------------------------------------------------------------- statistics

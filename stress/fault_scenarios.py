@@ -54,6 +54,7 @@ from dramatiq.middleware import Middleware
 from dramatiq_kombu_broker import KombuBroker
 from stress import rabbit_admin
 from stress.bounded import run_bounded
+from stress.polling import poll
 from stress.resources import open_fds
 from stress.tcp_proxy import Proxy
 
@@ -619,12 +620,8 @@ def wait_queues_empty(vhost: str, names: list[str], timeout: float,
                       only: list[str] | None = None) -> dict[str, int]:
     """Poll until the queues ``only`` (default: all ``names``) hold no message; return the
     last counts of ``names``."""
-    deadline = now() + timeout
-    while True:
-        counts = queue_messages(vhost, names)
-        if not any(counts[n] for n in (only or names)) or now() >= deadline:
-            return counts
-        time.sleep(0.5)
+    return poll(lambda: queue_messages(vhost, names),
+                lambda counts: not any(counts[n] for n in (only or names)), timeout, 0.5)
 
 
 def connections_by_name(vhost: str) -> dict[str, list[dict[str, Any]]]:
@@ -645,12 +642,8 @@ def connections_by_name(vhost: str) -> dict[str, list[dict[str, Any]]]:
 def wait_one_connection_each(vhost: str, names: list[str],
                              timeout: float = 15) -> dict[str, list[dict[str, Any]]]:
     """Poll until each of ``names`` has exactly one server connection; the last listing."""
-    deadline = now() + timeout
-    while True:
-        listing = connections_by_name(vhost)
-        if all(len(listing.get(n, [])) == 1 for n in names) or now() >= deadline:
-            return listing
-        time.sleep(0.3)
+    return poll(lambda: connections_by_name(vhost),
+                lambda listing: all(len(listing.get(n, [])) == 1 for n in names), timeout, 0.3)
 
 
 def connection_ports(name: str, vhost: str) -> list[int]:
@@ -1144,13 +1137,9 @@ def worker_connection_names(vhost: str, prefix: str) -> list[str]:
 def wait_for_no_connections(vhost: str, prefix: str, pids: set[int],
                             timeout: float) -> list[str]:
     """Wait until no connection of the processes ``pids`` is left; return those left."""
-    deadline = now() + timeout
-    while True:
-        left = [n for n in worker_connection_names(vhost, prefix)
-                if int(n[len(prefix) + 1:].split("-")[0]) in pids]
-        if not left or now() >= deadline:
-            return left
-        time.sleep(0.5)
+    return poll(lambda: [n for n in worker_connection_names(vhost, prefix)
+                         if int(n[len(prefix) + 1:].split("-")[0]) in pids],
+                lambda left: not left, timeout, 0.5)
 
 
 def cli_sigterm_case(ctx: Context) -> FaultResult:
@@ -1345,13 +1334,11 @@ def descriptor_kinds() -> Counter[str]:
 
 
 def _settle(measure: Callable[[], int], limit: int, timeout: float = 10.0) -> int:
-    deadline = now() + timeout
-    while True:
+    def collected() -> int:
         gc.collect()
-        value = measure()
-        if value <= limit or now() >= deadline:
-            return value
-        time.sleep(0.1)
+        return measure()
+
+    return poll(collected, lambda value: value <= limit, timeout, 0.1)
 
 
 def fault_loop(ctx: Context, loops: int, heartbeat: float = 2.0,

@@ -5,6 +5,7 @@
     python -m stress.faults --skip restart       # leave the server alone (shared servers)
     python -m stress.faults --loops 50           # resource hygiene over 50 faults
     python -m stress.faults --idle               # a worker idle for 600 s (--idle SECONDS)
+    python -m stress.faults --close-cost --messages 5000 --work-ms 50   # 3 closes vs no fault
     python -m stress.faults --cluster            # node loss on the local 3-node cluster
                                                  # (stress/cluster_faults.py, its own options)
 
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import statistics
 import sys
 import tempfile
 import time
@@ -46,8 +47,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from stress import fault_scenarios as fh
+from stress import rabbit_admin
 
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
 
 
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m stress.faults", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL,
+    parser.add_argument("--url", default=rabbit_admin.amqp_url(),
                         help="the RabbitMQ (default: AMQP_URL or %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
                         f"{','.join(ORDER)}; none when --loops or --idle is given)")
@@ -87,10 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "holds its connections and consumes")
     parser.add_argument("--heartbeat", type=float, default=None,
                         help="heartbeat of the idle test (default: the broker's, 60 s)")
+    parser.add_argument("--close-cost", type=int, nargs="?", const=3, metavar="CLOSES",
+                        help="drain a full queue without a fault and with CLOSES (3) forced "
+                             "closes: what recovery costs against the no-fault floor")
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
     if args.cases is None:
-        args.cases = "" if (args.loops or args.idle) else ",".join(ORDER)
+        args.cases = "" if (args.loops or args.idle or args.close_cost) else ",".join(ORDER)
     cases = [c for c in args.cases.split(",") if c]
     skip = {c for c in args.skip.split(",") if c}
     unknown = [c for c in [*cases, *skip] if c not in fh.FAULT_CASES]
@@ -98,6 +102,106 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown case(s) {unknown}; known: {', '.join(ORDER)}")
     args.case_list = [c for c in ORDER if c in cases and c not in skip]
     return args
+
+
+def drain_with_closes(ctx: fh.Context, closes: int, *, close: bool = True
+                      ) -> tuple[float, list[float], fh.FaultResult]:
+    """Seconds the worker takes to process a full queue while the server closes every
+    connection ``closes`` times (0: the no-fault floor), how long after each close (when the
+    consumer saw it) a message delivered on a new channel was processed, and the result.
+
+    Close N starts once N/(closes+1) of the queue is processed; rabbitmqctl takes seconds to
+    start on a loaded machine, so it lands later: a close that lands after the queue drained
+    is reported as a problem (run more messages then). With ``close`` false the same
+    rabbitmqctl calls and probes run but close nothing: the floor of the harness itself
+    (each rabbitmqctl call burns about a CPU second starting an Erlang VM).
+    """
+    with fh.watching(ctx) as watch:
+        lw = fh.LoadedWorker(ctx, watch=watch)
+        try:
+            total = ctx.scale.messages
+            for queue in lw.queues:
+                lw.broker.declare_queue(queue, ensure=True)
+            senders = lw.stream(list(range(total)), threads=ctx.scale.senders, rate=None)
+            senders.join(ctx.scale.timeout)
+            started = lw.started = time.monotonic()
+            lw.worker.start()
+            for number in range(closes):
+                lw.wait_processed(total * (number + 1) // (closes + 1))
+                if close:
+                    rabbit_admin.close_all_connections(f"close cost {number + 1}",
+                                                       vhost=ctx.vhost)
+                else:
+                    rabbit_admin.rabbitmqctl("list_connections", "-p", ctx.vhost, "pid")
+                lw.probe()  # the producer connection comes back too
+            lw.wait_processed(total + closes)
+            drained = max(t for t, mid, _, _ in lw.ledger.log if mid < total)
+        except BaseException:
+            lw.close()
+            raise
+        result = lw.finish(f"{closes} closes")
+    losses: list[float] = []
+    for moment, _, text in watch.warnings:
+        if "lost its channel" in text and (not losses or moment - losses[-1] > 0.5):
+            losses.append(moment)
+    deficits = _rate_deficits(lw.ledger.log, losses, started, drained)
+    result.notes.append("processing time lost to each close, from the rate in this run (s): "
+                        + ", ".join(f"{d:.2f}" for d in deficits))
+    resumed = []
+    for loss in losses:
+        first = lw.ledger.first_processing(loss, lw.ledger.channels_before(loss))
+        if first is None or loss > drained:
+            result.problems.append("a close landed after the queue was drained")
+        else:
+            resumed.append(first - loss)
+    if len(losses) != (closes if close else 0):
+        result.problems.append(f"{len(losses)} losses seen for {closes} closes")
+    return drained - started, resumed, result
+
+
+def _rate_deficits(log: list[tuple[float, int, str, object]], losses: list[float],
+                   started: float, drained: float, bucket: float = 0.1,
+                   span: tuple[float, float] = (-0.2, 1.0)) -> list[float]:
+    """Per loss, the seconds of processing it cost: the shortfall of completions against the
+    run's median rate, in ``span`` around the loss (noise on a shared machine cancels out
+    better within one run than between two)."""
+    counts: dict[int, int] = {}
+    for moment, _, _, _ in log:
+        if started <= moment <= drained:
+            counts[int((moment - started) / bucket)] = counts.get(
+                int((moment - started) / bucket), 0) + 1
+    buckets = int((drained - started) / bucket)
+    if buckets < 10:
+        return []
+    median = statistics.median(counts.get(i, 0) for i in range(5, buckets))
+    deficits = []
+    for loss in losses:
+        first = int((loss - started + span[0]) / bucket)
+        last = min(buckets, int((loss - started + span[1]) / bucket))
+        missing = sum(max(0.0, median - counts.get(i, 0)) for i in range(first, last))
+        deficits.append(missing / median * bucket if median else 0.0)
+    return deficits
+
+
+def close_cost(ctx: fh.Context, closes: int = 3) -> list[str]:
+    """Issue 13's measurement: a full queue drained without a fault and with ``closes``
+    forced closes; what the closes cost and how fast consumers resumed after each."""
+    floor, _, base = drain_with_closes(ctx, 0)
+    faulted, resumed, result = drain_with_closes(ctx, closes)
+    calls, _, harness = drain_with_closes(ctx, closes, close=False)
+    problems = [f"{r.fault}: {p}" for r in (base, result, harness)
+                for p in r.problems + ([f"{r.lost} lost"] if r.lost else [])]
+    median = statistics.median(resumed) if resumed else float("nan")
+    return [f"{ctx.scale.threads} worker threads, {ctx.scale.messages} messages of "
+            f"{ctx.scale.work_ms:g} ms, queue full before the worker starts:", "",
+            "| run | drained in (s) | processing resumed after each close (s) | lost | "
+            "duplicates |", "| --- | ---: | ---: | ---: | ---: |",
+            f"| no fault (floor) | {floor:.1f} | | {base.lost} | {base.duplicates} |",
+            f"| no fault, the same {closes} rabbitmqctl calls and probes | {calls:.1f} | | "
+            f"{harness.lost} | {harness.duplicates} |",
+            f"| {closes} x close_all_connections | {faulted:.1f} (+{faulted - floor:.1f}) | "
+            f"{', '.join(f'{r:.2f}' for r in resumed)} (median {median:.2f}) | {result.lost} | "
+            f"{result.duplicates} |", "", *result.notes, ""] + [f"problem: {p}" for p in problems]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
                 problems = [f"{type(exc).__name__}: {exc}"]
             report += [f"problem: {p}" for p in problems]
             failed |= bool(problems)
+        if args.close_cost:
+            progress(f"close cost: {scale.messages} messages, {args.close_cost} closes")
+            try:
+                lines = close_cost(ctx, args.close_cost)
+            except Exception as exc:  # noqa: BLE001
+                logging.exception("close cost failed")
+                lines = [f"problem: {type(exc).__name__}: {exc}"]
+            report += ["## Cost of forced closes", "", *lines]
+            failed |= any(line.startswith("problem:") for line in lines)
     text = "\n".join(report)
     print(text)
     if args.output:

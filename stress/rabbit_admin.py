@@ -30,12 +30,15 @@ import os
 import shlex
 import shutil
 import subprocess
-import time
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+from dramatiq_kombu_broker.settings import DEFAULT_URL
+from stress.polling import poll
+
+#: The server of the tests and harnesses unless ``AMQP_URL`` names another: KombuBroker's default.
+DEFAULT_AMQP_URL = DEFAULT_URL
 
 CONNECTION_COLUMNS = (
     "name",
@@ -237,12 +240,8 @@ def wait_for_connections(
     Returns the last count seen (``expected`` on success), so callers ``assert`` on it.
     """
     ports = None if peer_ports is None else list(peer_ports)
-    deadline = time.monotonic() + timeout
-    while True:
-        count = count_connections(connection_name, vhost=vhost, peer_ports=ports)
-        if count == expected or time.monotonic() >= deadline:
-            return count
-        time.sleep(interval)
+    return poll(lambda: count_connections(connection_name, vhost=vhost, peer_ports=ports),
+                lambda count: count == expected, timeout, interval)
 
 
 def close_connections(
@@ -343,6 +342,11 @@ def list_queues(vhost: str) -> dict[str, tuple[int, dict[str, Any]]]:
 
 
 # ---------------------------------------------------------------------------------------- URLs
+
+
+def amqp_url() -> str:
+    """The server to use: ``AMQP_URL``, or :data:`DEFAULT_AMQP_URL` when it is unset or empty."""
+    return os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL
 
 
 def amqp_connect_kwargs(url: str) -> dict[str, Any]:

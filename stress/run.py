@@ -39,6 +39,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dramatiq_kombu_broker.topology import declarations, queue_arguments
 from stress import rabbit_admin
 from stress.common import (
     REPO_ROOT,
@@ -46,7 +47,6 @@ from stress.common import (
     ProcessSampler,
     ServerConnectionPoller,
     amqp_port,
-    base_url,
     dedicated_vhost,
     fmt_mib,
     fmt_ms,
@@ -54,6 +54,7 @@ from stress.common import (
     latency_summary,
     machine_line,
     markdown_table,
+    split,
     url_for_vhost,
     write_result,
 )
@@ -65,7 +66,6 @@ from stress.workload import (
     define_hop_actor,
     make_broker,
     seed_chains,
-    split,
     tracker_recorder,
 )
 
@@ -289,8 +289,7 @@ class ResultsConsumer:
                 channel = conn.channel()
                 # Exactly the arguments dramatiq's brokers declare a queue with.
                 channel.queue_declare(queue=self.queue, durable=True, auto_delete=False,
-                                      arguments={"x-dead-letter-exchange": "",
-                                                 "x-dead-letter-routing-key": f"{self.queue}.XQ"})
+                                      arguments=queue_arguments(self.queue, None))
                 channel.basic_qos(0, 2000, False)
                 channel.basic_consume(queue=self.queue, no_ack=True, callback=self._on_message)
                 self._ready.set()
@@ -389,8 +388,7 @@ def leftover_messages(vhost: str, queue: str) -> dict[str, int]:
         queues = rabbit_admin.list_queues(vhost)
     except rabbit_admin.RabbitmqctlError:
         return {}
-    return {name: queues[name][0] for name in (queue, f"{queue}.DQ", f"{queue}.XQ")
-            if name in queues}
+    return {name: queues[name][0] for name, _ in declarations(queue, None) if name in queues}
 
 
 def summarize(args: argparse.Namespace, run: dict[str, Any], vhost: str,
@@ -543,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix = f"stress-run-{uuid.uuid4().hex[:8]}"
     with dedicated_vhost("run", keep=args.keep_vhost) as vhost:
-        url = url_for_vhost(base_url(), vhost)
+        url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
         print(f"vhost {vhost}, connection name prefix {prefix}; {args.messages:,} messages, "
               f"{args.threads} threads{f' x {args.processes} processes' if args.cli else ''}",
               file=sys.stderr)

@@ -68,12 +68,6 @@ def broker_available(kind: str) -> str | None:
     return None
 
 
-def split(total: int, parts: int) -> list[int]:
-    """``total`` split into ``parts`` near-equal non-negative integers."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
 # --------------------------------------------------------------------------------- bookkeeping
 
 

@@ -4,13 +4,15 @@ An alarm is server-wide: it blocks every publisher of every vhost, other session
 So an alarm window is short (a few seconds), one at a time on this machine (a file lock), and
 the server's previous limits are read first and restored in a ``finally``, whatever happens.
 A limit that already looks like an alarm (someone else's window) is waited out, never taken
-as the value to restore.
+as the value to restore; a watchdog restores the limits after MAX_WINDOW seconds even if the
+test hangs inside the window.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,8 @@ ALARM_WATERMARK = 0.01
 MEMORY_ALARM_WATERMARK = "0.000001"
 #: How long the server may take to raise the alarm (its disk monitor checks periodically).
 ALARM_RAISED_WITHIN = 10.0
+#: The longest an alarm stays on, even if the test hangs inside its window.
+MAX_WINDOW = 20.0
 #: How long to wait for another alarm window (ours or a neighbour's) to end first.
 WAIT_FOR_OTHERS = 60.0
 
@@ -74,23 +78,31 @@ def resource_alarm(kind: str) -> Iterator[dict[str, Any]]:
                     raise RuntimeError(f"the server is already in an alarm: {limits}")
                 time.sleep(1)
                 limits = server_limits()
+            def restore() -> None:  # idempotent: the watchdog may have done it already
+                if kind == "memory":
+                    rabbit_admin.rabbitmqctl("set_vm_memory_high_watermark",
+                                             *_watermark_args(limits["watermark"]))
+                else:
+                    rabbit_admin.rabbitmqctl("set_disk_free_limit",
+                                             str(limits["disk_free_limit"]))
+
+            watchdog = threading.Timer(MAX_WINDOW, restore)
+            watchdog.daemon = True
+            if kind not in ("memory", "disk"):
+                raise ValueError(f"unknown alarm kind {kind!r}")
             try:
+                watchdog.start()
                 if kind == "memory":
                     rabbit_admin.rabbitmqctl("set_vm_memory_high_watermark",
                                              MEMORY_ALARM_WATERMARK)
-                elif kind == "disk":
+                else:
                     huge = str(limits["disk_free"] * 1000)
                     rabbit_admin.rabbitmqctl("set_disk_free_limit", huge)
-                else:
-                    raise ValueError(f"unknown alarm kind {kind!r}")
                 _wait_for_alarm()
                 yield limits
             finally:
-                try:
-                    rabbit_admin.rabbitmqctl("set_vm_memory_high_watermark",
-                                             *_watermark_args(limits["watermark"]))
-                finally:
-                    rabbit_admin.rabbitmqctl("set_disk_free_limit",
-                                             str(limits["disk_free_limit"]))
+                watchdog.cancel()
+                watchdog.join()  # if it fired, let it finish first
+                restore()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

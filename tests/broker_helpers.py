@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -28,6 +27,7 @@ from stress import rabbit_admin
 
 # Re-exported for the tests: the fault scenarios of stress/ use it too.
 from stress.bounded import run_bounded as run_bounded
+from stress.polling import poll
 
 #: Arguments RabbitmqBroker's queues have (dramatiq 2.2, dramatiq_dead_message_ttl unset).
 DEAD_MESSAGE_TTL = 86400000 * 7
@@ -40,12 +40,7 @@ def unique(prefix: str = "q") -> str:
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` s pass
     (then the last falsy value is returned)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
+    return poll(predicate, bool, timeout, interval)
 
 
 class Recorder:
@@ -216,16 +211,3 @@ def connections_named(prefix: str, vhost: str | None = None) -> list[str]:
     """Client connection_names on the server that start with ``prefix``."""
     names = [rabbit_admin.connection_name_of(c) or "" for c in rabbit_admin.list_connections(vhost)]
     return sorted(name for name in names if name.startswith(prefix))
-
-
-def wait_for_connection_names(prefix: str, expected: list[str], timeout: float = 15,
-                              vhost: str | None = None) -> list[str]:
-    """Poll until the connections whose name starts with ``prefix`` are exactly ``expected``
-    (sorted); returns the last list seen."""
-    expected = sorted(expected)
-    deadline = time.monotonic() + timeout
-    while True:
-        seen = connections_named(prefix, vhost)
-        if seen == expected or time.monotonic() >= deadline:
-            return seen
-        time.sleep(0.3)

@@ -1,4 +1,5 @@
 """Shared fixtures. Everything talks to the REAL RabbitMQ at ``AMQP_URL``: there are no mocks.
+(Pure-logic tests, which use none of the server fixtures, run without one.)
 
 Each test session works in a fresh vhost ``test-<uuid8>`` (created and deleted with rabbitmqctl),
 so tests never see queues or connections of other sessions except through ``--global`` helpers.
@@ -6,7 +7,6 @@ so tests never see queues or connections of other sessions except through ``--gl
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -27,14 +27,9 @@ _UNREACHABLE_HINT = (
 )
 
 
-def _amqp_url_base() -> str:
-    return os.environ.get("AMQP_URL") or rabbit_admin.DEFAULT_AMQP_URL
-
-
 #: Fixtures through which a test reaches RabbitMQ (``item.fixturenames`` is the closure, so
 #: ``amqp_url``, ``env``, ``connect``... count through ``amqp_url_base`` and ``vhost``).
-SERVER_FIXTURES = frozenset({"amqp_url_base", "vhost", "server_connections",
-                             "wait_for_connections"})
+SERVER_FIXTURES = frozenset({"amqp_url_base", "vhost", "server_connections"})
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -51,7 +46,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def _require_server() -> None:
-    url = _amqp_url_base()
+    url = rabbit_admin.amqp_url()
     kwargs = rabbit_admin.amqp_connect_kwargs(url)
     conn = amqp.Connection(connect_timeout=5, **kwargs)
     try:
@@ -73,7 +68,7 @@ def _require_server() -> None:
 @pytest.fixture(scope="session")
 def amqp_url_base() -> str:
     """The server to test against: ``AMQP_URL``, default ``amqp://guest:guest@127.0.0.1:5672/``."""
-    return _amqp_url_base()
+    return rabbit_admin.amqp_url()
 
 
 @pytest.fixture(scope="session")
@@ -132,12 +127,6 @@ class ServerConnections:
 @pytest.fixture
 def server_connections() -> ServerConnections:
     return ServerConnections()
-
-
-@pytest.fixture
-def wait_for_connections() -> Callable[..., int]:
-    """``wait_for_connections(name, expected, timeout=10) -> last count`` (polls the server)."""
-    return rabbit_admin.wait_for_connections
 
 
 @pytest.fixture

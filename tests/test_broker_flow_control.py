@@ -15,7 +15,7 @@ import pytest
 from dramatiq.errors import ConnectionClosed
 
 from alarm_helpers import resource_alarm
-from broker_helpers import BrokerEnv, raw_channel, unique, wait_until
+from broker_helpers import BrokerEnv, raw_channel, run_bounded, unique, wait_until
 from kombu_pyamqp_threadsafe.flow import FlowControl, PublishBlockedError
 
 #: Slack over blocked_timeout for a send to come back (rabbitmqctl and a loaded machine).
@@ -75,7 +75,7 @@ def test_a_waiting_publisher_is_woken_by_unblock_and_by_the_connection_ending(
     thread.join(5)
 
 
-def test_confirm_wait_is_bounded_from_the_start_of_the_block() -> None:
+def test_reply_wait_is_bounded_from_the_start_of_the_block() -> None:
     flow = FlowControl("host", timeout=10.0)
     flow.block("low on memory")
     bound = flow.bound_confirm_wait(None)
@@ -104,7 +104,7 @@ def test_block_and_unblock_log_once_each(caplog: pytest.LogCaptureFixture) -> No
 
 def test_a_negative_blocked_timeout_is_refused(env: BrokerEnv) -> None:
     with pytest.raises(ValueError, match="blocked_timeout"):
-        env.broker(blocked_connection_timeout=-1)
+        env.broker(blocked_timeout=-1)
 
 
 # -- real alarms ---------------------------------------------------------------------------
@@ -115,9 +115,10 @@ def _flow_messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 
 def _timed_send(actor: dramatiq.Actor) -> tuple[BaseException | None, float]:
+    """Send once (bounded: a hang fails the test, inside the alarm's window)."""
     started = time.monotonic()
     try:
-        actor.send()
+        run_bounded(actor.send, 15, "send during an alarm")
     except ConnectionClosed as exc:
         return exc, time.monotonic() - started
     return None, time.monotonic() - started
@@ -127,7 +128,7 @@ def test_memory_alarm_send_fails_in_time_and_the_consumer_keeps_acking(
         env: BrokerEnv, amqp_url: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=FLOW_LOGGER)
     blocked_timeout = 1.5
-    broker = env.broker(blocked_connection_timeout=blocked_timeout)
+    broker = env.broker(blocked_timeout=blocked_timeout)
     queue_name, work_queue = unique(), unique()
 
     @dramatiq.actor(queue_name=queue_name, broker=broker)
@@ -136,6 +137,10 @@ def test_memory_alarm_send_fails_in_time_and_the_consumer_keeps_acking(
 
     @dramatiq.actor(queue_name=work_queue, broker=broker)
     def queued() -> None:
+        pass
+
+    @dramatiq.actor(queue_name=unique(), broker=broker)
+    def to_a_new_queue() -> None:
         pass
 
     send_me.send()  # the producer connection is open and has published
@@ -150,6 +155,8 @@ def test_memory_alarm_send_fails_in_time_and_the_consumer_keeps_acking(
             first, first_took = _timed_send(send_me)
             # The connection is blocked now: the next send waits before it writes.
             second, second_took = _timed_send(send_me)
+            # A new queue: its declare would wait for a reply the server does not send now.
+            third, third_took = _timed_send(to_a_new_queue)
             # The consumer connection never publishes: it is not blocked.
             received = []
             for _ in range(queued_count * 3):  # None when a wait times out (2 s)
@@ -166,20 +173,25 @@ def test_memory_alarm_send_fails_in_time_and_the_consumer_keeps_acking(
         assert second is not None and "low on memory" in str(second), second
         assert first_took < blocked_timeout + SLACK, first_took
         assert blocked_timeout <= second_took < blocked_timeout + SLACK, second_took
+        assert third is not None and "low on memory" in str(third), third
+        assert blocked_timeout <= third_took < blocked_timeout + SLACK, third_took
         assert len(received) == queued_count
         assert ready == 0  # the acks reached the server: closing requeued nothing
         assert len(_flow_messages(caplog, "blocks publishing")) == 1
         assert wait_until(lambda: _flow_messages(caplog, "unblocked"), 15)
         send_me.send()  # works again once the alarm cleared
+        to_a_new_queue.send()
         assert len(_flow_messages(caplog, "unblocked")) == 1
         assert len(_flow_messages(caplog, "blocks publishing")) == 1
     finally:
         consumer.close()
 
 
-def test_disk_alarm_send_fails_naming_the_reason(env: BrokerEnv) -> None:
+def test_disk_alarm_send_fails_naming_the_reason(
+        env: BrokerEnv, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=FLOW_LOGGER)
     blocked_timeout = 1.0
-    broker = env.broker(blocked_connection_timeout=blocked_timeout, confirm_delivery=False)
+    broker = env.broker(blocked_timeout=blocked_timeout, confirm_delivery=False)
     queue_name = unique()
 
     @dramatiq.actor(queue_name=queue_name, broker=broker)
@@ -198,4 +210,5 @@ def test_disk_alarm_send_fails_naming_the_reason(env: BrokerEnv) -> None:
     assert error is not None, "no send failed during the disk alarm"
     assert "low on disk" in str(error), error
     assert took < blocked_timeout + SLACK, took
+    assert wait_until(lambda: _flow_messages(caplog, "unblocked"), 15)
     send_me.send()

@@ -17,7 +17,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage, Middleware
 
 from broker_helpers import Recorder, raw_channel, unique, wait_until
-from stress import rabbit_admin
+from transport_helpers import provoke_server_close
 
 
 class Tagging(Middleware):
@@ -90,7 +90,7 @@ def test_worker_sees_options_written_at_before_enqueue(env):
                                              for m in sent)
 
 
-def test_before_enqueue_runs_again_for_each_publish_attempt(env, vhost, amqp_url):
+def test_before_enqueue_runs_again_for_each_publish_attempt(env, amqp_url):
     """As RabbitmqBroker: the hook runs once per attempt, and the retried publish sends what
     the last run wrote."""
     broker = env.broker()
@@ -103,15 +103,19 @@ def test_before_enqueue_runs_again_for_each_publish_attempt(env, vhost, amqp_url
         pass
 
     task.send()  # opens the producer connection
-    name = f"{env.connection_name}-producer"
-    tagging.fail_next_publish = lambda: rabbit_admin.close_connections(
-        "closed by test", connection_name=name, vhost=vhost)
+    # The server closes the connection before it reads the publish that follows.
+    tagging.fail_next_publish = lambda: provoke_server_close(broker.producer_connection)
     sent = task.send()
     assert sent.options["attempt"] >= 3  # first send, then at least two attempts of this one
     with raw_channel(amqp_url) as channel:
-        bodies = [json.loads(channel.basic_get(queue, no_ack=True).body) for _ in range(2)]
-    assert bodies[1]["message_id"] == sent.message_id
-    assert bodies[1]["options"]["attempt"] == sent.options["attempt"]
+        bodies = []
+        while (delivery := channel.basic_get(queue, no_ack=True)) is not None:
+            bodies.append(json.loads(delivery.body))
+    ours = [body["options"]["attempt"] for body in bodies if body["message_id"] == sent.message_id]
+    # The retry sent what the last run of the hook wrote. The failed attempt may have reached
+    # the queue too (its confirm was lost with the connection: at-least-once), with its own.
+    assert ours[-1] == sent.options["attempt"]
+    assert ours == sorted(set(ours)) and ours[0] >= 2, ours
 
 
 def test_retries_middleware_options_reach_the_retried_message(env):

@@ -17,10 +17,17 @@ import amqp
 import dramatiq
 import pytest
 
-from broker_helpers import Recorder, close_connections_named, raw_channel, unique, wait_until
+from broker_helpers import (
+    Recorder,
+    close_connections_named,
+    raw_channel,
+    run_bounded,
+    unique,
+    wait_until,
+)
 from dramatiq_kombu_broker import reconnect
 from dramatiq_kombu_broker.consumer import KombuConsumer
-from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order
+from dramatiq_kombu_broker.reconnect import RecoveryPolicy, failover_order, recovery_policy
 from kombu_pyamqp_threadsafe.connection import Connection as ThreadSafeConnection
 from stress import rabbit_admin
 from transport_helpers import Proxy
@@ -85,6 +92,15 @@ def test_recovery_policy_gives_up_at_its_deadline_and_starts_afresh_after_succes
     assert policy.failed() is None
 
 
+def test_recovery_policy_takes_pikas_attempts_per_node_and_retry_delay():
+    default = recovery_policy(1, 0.1, 1)  # pika's one attempt: still rides out a short outage
+    assert (default.attempts, default.first_delay, default.max_delay) == (8, 0.1, 2.0)
+    assert default.budget == 30
+    patient = recovery_policy(5, 3.0, 3)  # five rounds over three nodes, 3 s apart at least
+    assert (patient.attempts, patient.first_delay, patient.max_delay) == (15, 3.0, 3.0)
+    assert patient.budget == 45
+
+
 def test_recovery_policy_needs_an_attempt():
     with pytest.raises(ValueError, match="attempts"):
         RecoveryPolicy(attempts=0)
@@ -98,6 +114,19 @@ def _refused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _close_connection(name: str, vhost: str) -> None:
+    """Force-close the one connection called ``name`` (the server may list a new connection
+    only a moment after it opened, so this asks again)."""
+    assert wait_until(lambda: close_connections_named(name, vhost, "test: lost") == 1,
+                      timeout=10), f"no connection {name} to close"
+
+
+def _cut(connection) -> None:
+    """The socket fails under ``connection`` (as a network reset does), at once: a
+    rabbitmqctl close takes seconds to start on a loaded machine."""
+    connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
 
 
 def _url_at(amqp_url: str, port: int) -> str:
@@ -131,7 +160,7 @@ def test_failover_goes_node_after_node_on_every_connect_and_reconnect(
 
         # A lost connection is opened again on the next node, not on the one it was lost on.
         name = f"{env.connection_name}-producer"
-        assert close_connections_named(name, vhost, "test: node lost") == 1
+        _close_connection(name, vhost)
         wait_until(lambda: not producer.connected, timeout=10)
         broker.declare_queue(queue, ensure=True)
         assert producer.port == proxy.port and proxy.accepted == 1
@@ -176,7 +205,7 @@ def test_consumer_recovers_in_place_after_its_connection_is_closed(env, vhost, c
     assert len(before) == 2
 
     name = f"{env.connection_name}-consumer"
-    assert close_connections_named(name, vhost, "test: consumer connection lost") == 1
+    _close_connection(name, vhost)
     closed = time.monotonic()
     for i in range(100, 200):
         work.send(i)
@@ -209,7 +238,7 @@ def test_acks_of_the_lost_channel_are_dropped_never_sent_on_the_new_one(env, vho
     assert seen.wait(1, timeout=15)
     consumer = _consumers(worker)[queue]
     old_channel = consumer.channel
-    assert close_connections_named(f"{env.connection_name}-consumer", vhost, "test: lost") == 1
+    _cut(broker.consumer_connection)
     assert wait_until(lambda: consumer.recoveries == 1, timeout=15)
     assert consumer.channel is not old_channel
     release.set()  # its ack is for the lost channel: dropped, the server redelivers the message
@@ -244,7 +273,7 @@ def test_one_new_connection_for_all_consumers_after_a_loss(env, vhost):
         return establish()
 
     connection._establish_connection = counting
-    assert close_connections_named(f"{env.connection_name}-consumer", vhost, "test: lost") == 1
+    _cut(broker.consumer_connection)
     assert wait_until(lambda: all(c.recoveries == 1 for c in consumers.values()), timeout=15), (
         {q: c.recoveries for q, c in consumers.items()})
     assert len(opened) == 1, opened.snapshot()
@@ -326,3 +355,55 @@ def test_worker_stops_promptly_while_its_consumers_cannot_reconnect(env, vhost, 
         assert time.monotonic() - started < 2.0
     finally:
         proxy.close()
+
+
+def test_consumer_that_cannot_reconnect_within_its_bound_raises_connection_closed(env):
+    """__next__ returns within about its timeout while it retries, then gives up to dramatiq."""
+    proxy = Proxy()
+    try:
+        broker = env.broker(url=_url_at(env.amqp_url, proxy.port), connect_timeout=2)
+        queue = unique()
+        broker.declare_queue(queue)
+        consumer = broker.consume(queue, prefetch=1, timeout=200)
+        consumer._policy = RecoveryPolicy(attempts=3, first_delay=0.3, max_delay=0.3)
+        proxy.close()
+        durations = []
+        with pytest.raises(dramatiq.errors.ConnectionClosed, match="refused"):
+            for _ in range(100):
+                started = time.monotonic()
+                try:
+                    assert next(consumer) is None
+                finally:
+                    durations.append(time.monotonic() - started)
+        assert consumer._policy.failures == 3 and not consumer._policy.recovering
+        assert max(durations) < 1.0, durations
+        assert len(durations) >= 4  # the pauses were waited out over several calls
+        consumer.close()
+    finally:
+        proxy.close()
+
+
+def test_delayed_messages_of_the_lost_channel_are_not_enqueued_twice(env, vhost):
+    """The consumer thread's delayed messages came from the lost channel, which the server
+    redelivers: kept, each would be enqueued when due AND again when its copy is due."""
+    broker = env.broker()
+    queue = unique()
+    seen = Recorder()
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def work(tag):
+        seen.add(tag)
+
+    worker = env.worker(broker, threads=2)
+    assert wait_until(lambda: all(_consumers(worker).values()) and len(worker.consumers) == 2,
+                      timeout=15)
+    delay_thread = worker.consumers[f"{queue}.DQ"]
+    consumer = delay_thread.consumer
+    work.send_with_options(args=("late",), delay=2000)
+    assert wait_until(lambda: delay_thread.delay_queue.qsize() == 1, timeout=10)
+    _cut(broker.consumer_connection)
+    assert wait_until(lambda: consumer.recoveries == 1, timeout=10)
+    assert wait_until(lambda: delay_thread.delay_queue.qsize() == 1, timeout=10)  # its copy
+    assert seen.wait(1, timeout=15)
+    run_bounded(worker.join, 15, "worker.join()")
+    assert seen.snapshot() == ["late"]

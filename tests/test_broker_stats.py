@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+import amqp
 import dramatiq
 import pytest
+from amqp.exceptions import MessageNacked
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +21,7 @@ from broker_helpers import (
     wait_until,
 )
 from dramatiq_kombu_broker.metrics import KombuBrokerCollector
-from kombu_pyamqp_threadsafe import ConnectionStats
+from kombu_pyamqp_threadsafe import ConnectionStats, connection_stats
 
 
 def test_stats_add_up_across_connections_except_what_describes_the_current_one() -> None:
@@ -106,6 +109,20 @@ def test_a_mandatory_publish_to_a_missing_queue_is_counted_as_returned(
     assert producer.published == 3
     assert producer.confirmed == 2
     assert broker.get_queue_message_counts(queue)[0] == 1
+
+
+def test_a_publish_the_server_nacks_is_counted_as_nacked(connect: Any) -> None:
+    conn = connect(transport_options={"confirm_publish": True})
+    queue = unique()
+    with conn.default_channel_pool.acquire() as channel:
+        # A full queue that refuses publishes: the server nacks them.
+        channel.queue_declare(queue, auto_delete=True,
+                              arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+        with pytest.raises(MessageNacked):
+            channel.basic_publish(amqp.Message(b"refused"), routing_key=queue)
+        channel.basic_publish(amqp.Message(b"accepted"), routing_key="")  # no queue takes it
+    stats = connection_stats(conn.connection)
+    assert (stats.published, stats.nacked, stats.confirmed) == (2, 1, 1)
 
 
 def test_a_forced_close_counts_a_reconnect_and_keeps_the_counts(

@@ -7,6 +7,7 @@ from urllib.parse import unquote, urlsplit
 import amqp
 import pytest
 
+from dramatiq_kombu_broker.topology import queue_arguments
 from stress import rabbit_admin
 
 
@@ -18,7 +19,7 @@ def test_session_vhost_exists_and_url_points_at_it(vhost, amqp_url):
 
 
 def test_connection_name_is_counted_then_gone_after_close(
-    amqp_connect_kwargs, vhost, connection_name, server_connections, wait_for_connections
+    amqp_connect_kwargs, vhost, connection_name, server_connections
 ):
     assert server_connections(connection_name) == 0
     conn = amqp.Connection(
@@ -37,7 +38,6 @@ def test_connection_name_is_counted_then_gone_after_close(
         assert info["client_properties"]["product"] == "py-amqp"
     finally:
         conn.close()
-    assert wait_for_connections(connection_name, 0) == 0
     assert server_connections.wait(connection_name, 0) == 0
 
 
@@ -48,11 +48,7 @@ def test_channels_and_queues_are_listed(amqp_connect_kwargs, vhost, queue_name, 
     conn.connect()
     try:
         ch1, ch2 = conn.channel(), conn.channel()
-        arguments = {
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": f"{queue_name}.XQ",
-            "x-max-priority": 10,
-        }
+        arguments = queue_arguments(queue_name, max_priority=10)
         ch1.queue_declare(queue_name, durable=True, auto_delete=False, arguments=arguments)
         ch1.confirm_select()
         ch1.basic_publish(amqp.Message(b"hello", delivery_mode=2), routing_key=queue_name)
@@ -67,7 +63,7 @@ def test_channels_and_queues_are_listed(amqp_connect_kwargs, vhost, queue_name, 
 
 
 def test_close_all_connections_in_vhost_forces_the_client_out(
-    amqp_connect_kwargs, vhost, connection_name, wait_for_connections
+    amqp_connect_kwargs, vhost, connection_name, server_connections
 ):
     conn = amqp.Connection(
         client_properties={"connection_name": connection_name}, **amqp_connect_kwargs
@@ -79,7 +75,7 @@ def test_close_all_connections_in_vhost_forces_the_client_out(
             conn.drain_events(timeout=10)
     finally:
         conn.collect()
-    assert wait_for_connections(connection_name, 0) == 0
+    assert server_connections.wait(connection_name, 0) == 0
 
 
 def test_table_to_dict_decodes_nested_tables():

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXTRA_HINT = "pip install 'kombu-pyamqp-threadsafe[dramatiq]'"
 #: What an sdist's tests need besides src/ and tests/ (they import, run or read these).
 SDIST_NEEDS = ["stress/__init__.py", "stress/rabbit_admin.py", "examples/app.py",
-               "docs/architecture.md", "scripts/ensure-rabbitmq", "Makefile", "LICENSE",
-               "README.md", "pyproject.toml"]
+               "docs/architecture.md", "scripts/ensure-rabbitmq", "typings/amqp/__init__.pyi",
+               "Makefile", "LICENSE", "README.md", "pyproject.toml"]
 
 
 def run(*args: str | Path, cwd: Path, timeout: float = 300) -> str:

@@ -139,21 +139,24 @@ def test_waiter_gets_an_error_when_another_thread_closes_its_channel(connect):
 def _fill_send_buffer(amqp_connection):
     """Under the write lock (so no message is split), fill the socket's send buffer with
     heartbeat frames until the kernel takes no more and the buffer stays full; return with
-    the lock free and the buffer full."""
+    the lock free and the buffer full. Then single frames until the last segment is full too:
+    Linux appends a small write to the last queued segment even when the buffer is full, so
+    only then does the next send of any size block."""
     sock = amqp_connection.transport.sock
     writer = amqp_connection.frame_writer
-    chunk = frames.encode_method(8, 0, None, None, None, 0) * 8192
+    frame = frames.encode_method(8, 0, None, None, None, 0)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
     with writer.lock:
-        while True:
-            try:
-                while True:
-                    sock.send(chunk, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-            if not poller.poll(300):  # stayed full: the peer takes no more
-                return
+        for chunk in (frame * 8192, frame):
+            while True:
+                try:
+                    while True:
+                        sock.send(chunk, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+                if not poller.poll(300):  # stayed full: the peer takes no more
+                    break
 
 
 def test_silent_peer_with_a_full_send_buffer_is_detected_in_two_heartbeats(vhost,
@@ -324,6 +327,30 @@ def test_channel_made_while_the_reader_tears_down_raises_a_connection_error(conn
         amqp_connection.channel()
 
 
+def test_publish_with_a_timeout_while_the_reader_tears_down_raises_a_connection_error(connect):
+    """The reader tears the connection down just after a publish with a timeout checked that
+    its channel was alive. Before the fix: AttributeError ('NoneType' object has no attribute
+    'having_timeout'), which no retry catches."""
+    conn = connect()
+    channel = conn.default_channel
+    amqp_connection = conn.connection
+    real_class = type(amqp_connection)
+
+    class TornDownOnNextLook(real_class):
+        """The connection, torn down by its reader at the next look at its transport."""
+
+        @property
+        def transport(self):
+            self.__class__ = real_class
+            self._transport.sock.shutdown(socket.SHUT_RDWR)
+            self._reader.thread.join(5)  # the reader saw EOF and tore down
+            return self._transport
+
+    amqp_connection.__class__ = TornDownOnNextLook
+    with pytest.raises(conn.recoverable_connection_errors):
+        channel.basic_publish(channel.prepare_message(b"m"), routing_key="nowhere", timeout=5)
+
+
 def test_channel_whose_init_fails_leaves_no_mailbox_behind(connect):
     """A channel whose __init__ raises (here: its id is taken) must not stay in the thread's
     inbox, which would keep it alive and scan it on every empty wait."""
@@ -442,3 +469,121 @@ class _SignallingEvent(threading.Event):
     def wait(self, timeout=None):
         self._waiting.set()
         return super().wait(timeout)
+
+
+class _InterruptedTake(Mailbox):
+    """A channel's mailbox whose next take() is interrupted just after it returns."""
+
+    __slots__ = ()
+
+    def take(self, inbox, *args):
+        method = super().take(inbox, *args)
+        if method is not None:
+            self.__class__ = Mailbox
+            raise Interrupt  # as TimeLimit landing before the dispatch begins
+        return method
+
+
+def test_delivery_taken_and_lost_to_an_interrupt_is_dispatched_by_the_next_wait(connect,
+                                                                               queue_name):
+    """An interrupt lands between taking a delivery from the mailbox and dispatching it.
+    Before the fix the delivery was gone: never handed to the consumer, never acked, its
+    prefetch slot held until the channel closed."""
+    conn = connect()
+    channel = conn.channel()
+    channel.queue_declare(queue_name, auto_delete=False)
+    publish(channel, b"m", queue_name)
+    received = []
+    channel.basic_qos(0, 1, False)
+    channel.basic_consume(queue_name, callback=received.append)
+    channel._mailbox.__class__ = _InterruptedTake
+    with pytest.raises(Interrupt):
+        while True:
+            conn.drain_events(timeout=5)
+    conn.drain_events(timeout=2)
+    assert [m.body for m in received] == [b"m"]
+    channel.basic_ack(received[0].delivery_tag)
+    channel.queue_delete(queue_name)
+
+
+def test_single_flight_waiter_keeps_to_its_own_timeout():
+    """Pure logic (no server). The leader keeps trying (its policy: retry for ever); a waiter
+    with a timeout of its own stops waiting after it and makes its own attempt, whose outcome
+    is its own. Before the fix it waited as long as the leader tried."""
+    flight = SingleFlight()
+    leader_in, release_leader = threading.Event(), threading.Event()
+
+    def leader_fn():
+        leader_in.set()
+        assert release_leader.wait(20)
+        return "leader"
+
+    def waiter_fn():
+        raise ConnectionError("the waiter's own attempt failed")
+
+    leader = start_all([Worker(flight.run, leader_fn, lambda: None)])
+    assert leader_in.wait(10)
+    waiter = start_all([Worker(flight.run, waiter_fn, lambda: None, 0.3)])
+    try:
+        assert join_all(waiter, 3) == [], "the waiter waited past its own timeout"
+        assert isinstance(waiter[0].error, ConnectionError), repr(waiter[0].error)
+    finally:
+        release_leader.set()
+    assert join_all(leader, 10) == []
+    assert leader[0].result == "leader"
+
+
+class _SignallingLock:
+    """The write lock; sets ``waiting`` when a thread blocks to acquire it."""
+
+    def __init__(self, lock, waiting):
+        self._lock = lock
+        self._waiting = waiting
+
+    def acquire(self, blocking=True, timeout=-1):
+        if blocking and not self._lock.acquire(blocking=False):
+            self._waiting.set()
+            return self._lock.acquire(blocking, timeout)
+        return True if blocking else self._lock.acquire(blocking=False)
+
+    def release(self):
+        self._lock.release()
+
+    def _is_owned(self):
+        return self._lock._is_owned()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def test_back_pressure_wait_without_timeout_ends_with_the_failure(connect):
+    """A publisher waits for the write lock (1,024 messages queued, no publish timeout) while
+    the holder is stuck; the connection fails. The wait ends when the holder lets go, and the
+    publish raises the failure. Before the fix it returned as if its message were written."""
+    conn = connect()
+    channel = conn.default_channel
+    amqp_connection = conn.connection
+    writer = amqp_connection.frame_writer
+    waiting = threading.Event()
+    writer.lock = _SignallingLock(writer.lock, waiting)
+    inbox = amqp_connection._current_inbox()
+    message = channel.prepare_message(b"m")
+
+    def publisher():
+        for _ in range(frames.MAX_QUEUED + 1):
+            channel.basic_publish(message, routing_key="nowhere")
+
+    writer.lock.acquire()  # the holder, stuck in a send
+    try:
+        worker = start_all([Worker(publisher)])
+        assert waiting.wait(10), "the publisher never had to wait for the lock"
+        amqp_connection.transport.sock.shutdown(socket.SHUT_RDWR)  # the reader sees EOF
+        assert inbox.next_mailbox(timeout=10) is None  # the failure woke this thread
+    finally:
+        writer.lock.release()
+    assert join_all(worker, 10) == [], "the back-pressured publisher was never woken"
+    assert isinstance(worker[0].error, conn.recoverable_connection_errors), repr(worker[0].error)

@@ -26,26 +26,12 @@ from transport_helpers import (
     settled,
     start_all,
     url_for,
+    wait_message_count,
 )
 
 
 def publish(channel, body, routing_key):
     channel.basic_publish(channel.prepare_message(body), exchange="", routing_key=routing_key)
-
-
-def message_count(channel, queue_name):
-    return channel.queue_declare(queue=queue_name, passive=True).message_count
-
-
-def wait_message_count(channel, queue_name, expected, timeout=5.0):
-    """The queue's ready count once it equals ``expected`` (or the last one seen): RabbitMQ
-    counts a message some time after its (unconfirmed) publish, even on the same channel."""
-    deadline = time.monotonic() + timeout
-    while True:
-        count = message_count(channel, queue_name)
-        if count == expected or time.monotonic() >= deadline:
-            return count
-        time.sleep(0.02)
 
 
 def warnings_in(caplog):

@@ -20,23 +20,9 @@ from amqp.exceptions import NotFound
 
 import kombu_pyamqp_threadsafe as ts
 from stress import rabbit_admin
-from transport_helpers import Worker, join_all, start_all
+from transport_helpers import Worker, join_all, message_count, start_all, wait_message_count
 
 MiB = 1024 * 1024
-
-
-def message_count(channel, queue_name):
-    return channel.queue_declare(queue=queue_name, passive=True).message_count
-
-
-def wait_message_count(channel, queue_name, expected, timeout=5.0):
-    """The queue's ready count once it equals ``expected`` (or the last one seen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        count = message_count(channel, queue_name)
-        if count == expected or time.monotonic() >= deadline:
-            return count
-        time.sleep(0.02)
 
 
 def publish(channel, body, routing_key, **kwargs):

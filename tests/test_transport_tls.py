@@ -3,17 +3,19 @@ RabbitMQ, with a throw-away CA made by the openssl CLI)."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
-import queue
 import random
+import re
 import select
 import socket
 import ssl
 import subprocess
 import threading
 import time
+import traceback
 from contextlib import suppress
 
 import pytest
@@ -179,7 +181,10 @@ def test_amqps_server_close_and_reconnect(tls_files, tls_proxy, vhost, connectio
             channel = conn.default_channel
             amqp_connection = channel.connection
             old_channels.append(channel)
-            provoke_server_close(conn)
+            with suppress(*conn.recoverable_connection_errors):
+                # TLS writes combine: this thread may also write the reader's Close-Ok queued
+                # behind its message and meet the close itself (the failure is the point).
+                provoke_server_close(conn)
             with pytest.raises(conn.recoverable_connection_errors):
                 while True:
                     amqp_connection.drain_events(timeout=5)
@@ -520,38 +525,39 @@ def test_amqps_close_sends_close_notify(tls_files, tls_proxy, vhost, connection_
 
 class _SServer:
     """``openssl s_server`` on an ephemeral port: its stdin sends commands (``r``: TLS 1.2
-    renegotiation, ``K``: TLS 1.3 KeyUpdate asking for ours), its stdout shows what it got."""
+    renegotiation, ``K``: TLS 1.3 KeyUpdate asking for ours), its stdout shows what it got.
+
+    s_server reads its stdin only when no record of ours is pending, so the writer below
+    writes in bursts and waits for each to be printed."""
 
     def __init__(self, files, version):
         self.process = subprocess.Popen(
             ["openssl", "s_server", "-accept", "127.0.0.1:0", "-cert", files["cert"],
              "-key", files["key"], f"-{version}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines = queue.Queue()
+        self.lines = []
+        self._printed = threading.Condition()  # guards lines
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = None
-        deadline = time.monotonic() + 10
-        while self.port is None:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line.startswith(b"ACCEPT "):
-                self.port = int(line.rsplit(b":", 1)[1])
+        accept = self.wait_for(lambda line: line.startswith(b"ACCEPT "))
+        self.port = int(accept.rsplit(b":", 1)[1])
 
     def _read(self):
         for line in iter(self.process.stdout.readline, b""):
-            self.lines.put(line.rstrip(b"\n"))
+            with self._printed:
+                self.lines.append(line.rstrip(b"\n"))
+                self._printed.notify_all()
 
     def command(self, text):
         self.process.stdin.write(text.encode() + b"\n")
         self.process.stdin.flush()
 
-    def wait_for(self, line, timeout=10):
-        """Lines printed up to and with ``line`` (which must come within ``timeout`` s)."""
-        seen = []
-        deadline = time.monotonic() + timeout
-        while True:
-            seen.append(self.lines.get(timeout=max(0.0, deadline - time.monotonic())))
-            if seen[-1] == line:
-                return seen
+    def wait_for(self, match, timeout=20):
+        """The first line printed that ``match(line)`` accepts (within ``timeout`` s)."""
+        with self._printed:
+            found = self._printed.wait_for(
+                lambda: next((line for line in self.lines if match(line)), None), timeout)
+        assert found is not None, f"s_server printed no such line: {self.lines[-5:]}"
+        return found
 
     def close(self):
         self.process.kill()
@@ -562,22 +568,22 @@ class _SServer:
 def test_tls_records_made_while_reading_go_out_in_order(tls_files, version, command,
                                                         tls_tracker):
     """The server renegotiates (TLS 1.2) or asks for a KeyUpdate (TLS 1.3) while a writer
-    thread writes without pause and a reader thread reads: every line arrives intact and in
-    order, the reader sends what it makes without blocking, nothing overlaps."""
+    thread writes and a reader thread reads: every line arrives intact and in order, the
+    server's line after the exchange arrives, the reader sends what it makes without
+    blocking, nothing overlaps."""
     server = _SServer(tls_files, version)
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     sock = TLSSocket(raw, ssl.create_default_context(cafile=tls_files["ca"]),
                      server_hostname="localhost")
     stop, after = threading.Event(), threading.Event()
     got = []
-    written = [0]  # lines the writer has handed to sendmsg
 
     def line(i):
         return b"line-%d-" % i + b"x" * 3000 + b"\n"
 
     try:
         sock.do_handshake(10)
-        sock.settimeout(None)
+        sock.settimeout(None)  # as the reader thread has it
         assert sock.version() == {"tls1_2": "TLSv1.2", "tls1_3": "TLSv1.3"}[version]
 
         def reader():
@@ -594,31 +600,34 @@ def test_tls_records_made_while_reading_go_out_in_order(tls_files, version, comm
                         after.set()
 
         def writer():
+            i = 0
             while not stop.is_set():
-                i = written[0]
-                sock.sendmsg([line(i), line(i + 1)])  # one record per line: lines stay whole
-                written[0] = i + 2
+                for _ in range(10):  # a burst of 20 lines, two per sendmsg, one record each
+                    sock.sendmsg([line(i), line(i + 1)])
+                    i += 2
+                last = line(i - 1)[:-1]
+                server.wait_for(last.__eq__)
             sock.sendall(b"last\n")
+            return i
 
         reading = Worker(reader, name="tls-reader")
         writing = Worker(writer, name="tls-writer")
         start_all([reading, writing])
-        lines = server.wait_for(line(100)[:-1])
+        server.wait_for(line(100)[:-1].__eq__)
         server.command(command)
-        # s_server reads its stdin only between our records: it did once it says so.
-        lines += server.wait_for(b"SSL_do_handshake -> 1")
-        mark = written[0]
-        while written[0] < mark + 400 and writing.is_alive():  # the exchange, then more lines
-            lines += server.wait_for(line(written[0])[:-1])
-        stop.set()
-        assert join_all([writing], 10) == []
-        assert writing.error is None, repr(writing.error)
-        lines += server.wait_for(b"last", 20)
-        assert [text for text in lines if text.startswith(b"line-")] == [
-            line(i)[:-1] for i in range(written[0])]
-        # The server writes to us now (we flooded it before), under its new keys.
+        server.wait_for(b"SSL_do_handshake -> 1".__eq__)
+        # The server's next line to us goes under the new keys, after the exchange.
         server.command("after")
-        assert after.wait(10), (got, reading.error)
+        assert after.wait(20), (got, reading.error)
+        printed = len(server.lines)
+        server.wait_for(lambda text: text.startswith(b"line-") and
+                        server.lines.index(text) > printed + 100)  # more lines after it
+        stop.set()
+        assert join_all([writing], 20) == []
+        assert writing.error is None, repr(writing.error)
+        server.wait_for(b"last".__eq__)
+        assert [text for text in server.lines if text.startswith(b"line-")] == [
+            line(i)[:-1] for i in range(writing.result)]
     finally:
         stop.set()
         sock.shutdown(socket.SHUT_RDWR)
@@ -629,3 +638,156 @@ def test_tls_records_made_while_reading_go_out_in_order(tls_files, version, comm
     assert [call for call in by_reader if not call[2] & socket.MSG_DONTWAIT] == []
     if version == "tls1_2":  # the reader answered the renegotiation itself, without blocking
         assert [call for call in by_reader if call[0] == "sendmsg"]
+
+
+def test_tls_nonblocking_send_keeps_the_rest_for_the_next_write(tls_files):
+    """``sendmsg(..., MSG_DONTWAIT)`` on a full socket returns at once with every byte taken;
+    what the socket did not take goes out, in order, with the next (blocking) write."""
+    client_raw, server_raw = socket.socketpair()
+    server_raw.settimeout(10)
+    client_raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    context = ssl.create_default_context(cafile=tls_files["ca"])
+    sock = TLSSocket(client_raw, context, server_hostname="localhost")
+    accepted = Worker(lambda: server_tls_context(tls_files).wrap_socket(server_raw,
+                                                                         server_side=True))
+    accepted.start()
+    try:
+        sock.do_handshake(10)
+        sock.settimeout(None)  # as the reader thread has it (a timeout would wait to write)
+        assert join_all([accepted], 10) == []
+        server = accepted.result
+        chunk = b"y" * 65536
+        # The server reads nothing yet: the socket fills, and each call still returns at once.
+        sending = Worker(lambda: [sock.sendmsg([b"%08d" % i, chunk], (), socket.MSG_DONTWAIT)
+                                  for i in range(40)])
+        sending.start()
+        assert join_all([sending], 10) == []
+        assert sending.error is None, repr(sending.error)
+        assert sending.result == [8 + len(chunk)] * 40
+        assert sock._unsent  # what the socket did not take
+        received = Worker(lambda: b"".join(iter(lambda: server.recv(1 << 20), b"")))
+        received.start()
+        sock.sendall(b"end")
+        sock.shutdown(socket.SHUT_RDWR)
+        assert join_all([received], 10) == []
+        assert received.result == b"".join(b"%08d" % i + chunk for i in range(40)) + b"end"
+    finally:
+        sock.close()
+        server_raw.close()
+
+
+class _Interrupt(Exception):
+    """Raised into publisher threads the way dramatiq raises TimeLimit."""
+
+
+def _raise_in(thread, exc_type):
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                               ctypes.py_object(exc_type))
+
+
+def test_amqps_interrupts_in_publishers_never_corrupt_the_stream(tls_files, tls_proxy, vhost,
+                                                                 connection_name, queue_name):
+    """200 asynchronous exceptions raised into 8 threads that publish without pause over one
+    amqps connection, mostly into the one holding the write lock (a few land inside tls.py
+    itself, most in the code around it): the TLS stream stays whole (the connection never
+    drops, so the proxy's TLS end never saw a bad record), and every body that arrives is
+    intact, the last one too."""
+    conn = _tls_connection(tls_files, tls_proxy, vhost, connection_name)
+    conn.ensure_connection(max_retries=3)
+    main = conn.default_channel
+    main.queue_declare(queue_name, auto_delete=False)
+    stop = threading.Event()
+    received, damaged, where = [], [], []  # where: the file each interrupt landed in
+    end = threading.Event()
+
+    def consumer():
+        channel = conn.channel()
+
+        def on_message(message):
+            body = message.body
+            if body == b"end":
+                end.set()
+            elif hashlib.sha256(body[32:]).digest() != body[:32]:
+                damaged.append(len(body))
+            received.append(1)
+
+        channel.basic_consume(queue_name, callback=on_message, no_ack=True)
+        while not end.is_set():
+            with suppress(TimeoutError):
+                conn.drain_events(timeout=0.5)
+
+    publishers = []
+    in_flight = []  # per publisher: an interrupt raised into it and not yet caught
+    armed = []  # per publisher: in its loop, where it catches interrupts
+
+    def publisher(n):
+        rand = random.Random(n)
+        channel = conn.channel()
+        interrupted = 0
+        caught = False
+        while True:
+            try:
+                armed[n].set()  # inside the try: from here on an interrupt is caught
+                if caught:  # ready for the next one only here, not at the loop's jump back
+                    caught = False
+                    in_flight[n].clear()
+                if stop.is_set():
+                    return interrupted
+                payload = rand.randbytes(rand.choice((100, 2_000, 8_000)))
+                channel.basic_publish(
+                    channel.prepare_message(hashlib.sha256(payload).digest() + payload),
+                    exchange="", routing_key=queue_name)
+            except _Interrupt as exc:
+                interrupted += 1
+                innermost = traceback.extract_tb(exc.__traceback__)[-1]
+                where.append(os.path.basename(innermost.filename))
+                caught = True
+
+    consuming = Worker(consumer, name="tls-consumer")
+    consuming.start()
+    for n in range(8):
+        in_flight.append(threading.Event())
+        armed.append(threading.Event())
+        publishers.append(Worker(publisher, n, name=f"tls-publisher-{n}"))
+    start_all(publishers)
+    rand = random.Random(0)
+    raised = 0
+    by_ident = {worker.ident: n for n, worker in enumerate(publishers)}
+    write_lock = conn.connection.frame_writer.lock
+    deadline = time.monotonic() + 60
+    while raised < 200 and time.monotonic() < deadline:
+        # Mostly the thread that holds the write lock (it is writing, through the TLS object).
+        owner = re.search(r"owner=(\d+)", repr(write_lock))
+        n = by_ident.get(int(owner.group(1)) if owner else None)
+        if n is None or rand.random() < 0.2:
+            n = rand.randrange(len(publishers))
+        if in_flight[n].is_set() or not armed[n].is_set():
+            continue
+        in_flight[n].set()
+        _raise_in(publishers[n], _Interrupt)
+        raised += 1
+        for _ in range(rand.randrange(20_000)):  # let it run a random while
+            pass
+    # Every interrupt caught, then stop.
+    deadline = time.monotonic() + 30
+    while any(event.is_set() for event in in_flight) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    try:
+        assert join_all(publishers, 30) == []
+        assert [repr(w.error) for w in publishers if w.error is not None] == []
+        assert raised == 200
+        assert sum(w.result for w in publishers) == 200
+        assert conn.connected
+        assert tls_proxy.accepted == 1  # the one connection stayed up throughout
+        main.basic_publish(main.prepare_message(b"end"), exchange="", routing_key=queue_name)
+        assert end.wait(30)
+        assert join_all([consuming], 10) == []
+        assert consuming.error is None, repr(consuming.error)
+        assert damaged == []
+        assert len(where) == 200
+    finally:
+        stop.set()
+        with suppress(Exception):
+            main.queue_delete(queue_name)
+        conn.close()

@@ -26,6 +26,7 @@ from amqp.serialization import dumps
 import kombu_pyamqp_threadsafe as ts
 
 # Re-exported for the tests: the fault scenarios of stress/ use them too.
+from stress.polling import poll
 from stress.resources import open_fds as open_fds
 from stress.tcp_proxy import Proxy as Proxy
 
@@ -49,6 +50,17 @@ def provoke_server_close(conn: ts.KombuConnection) -> None:
     channel = conn.default_channel
     conn.connection.frame_writer(1, channel.channel_id, spec.Channel.Open, dumps("s", ("",)),
                                  None)
+
+
+def message_count(channel: Any, queue_name: str) -> int:
+    return channel.queue_declare(queue=queue_name, passive=True).message_count
+
+
+def wait_message_count(channel: Any, queue_name: str, expected: int, timeout: float = 5.0) -> int:
+    """The queue's ready count once it equals ``expected`` (or the last one seen): RabbitMQ
+    counts a message some time after its (unconfirmed) publish, even on the same channel."""
+    return poll(lambda: message_count(channel, queue_name), lambda count: count == expected,
+                timeout, 0.02)
 
 
 # ------------------------------------------------------------------------------------- threads
@@ -93,12 +105,7 @@ def join_all(workers: list[threading.Thread], timeout: float) -> list[threading.
 
 def settled(measure: Callable[[], int], limit: int, timeout: float = 5.0) -> int:
     """Poll ``measure()`` until it is <= ``limit`` (threads and sockets end asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = measure()
-        if value <= limit or time.monotonic() >= deadline:
-            return value
-        time.sleep(0.05)
+    return poll(measure, lambda value: value <= limit, timeout)
 
 
 # ---------------------------------------------------------------------------------------- TLS

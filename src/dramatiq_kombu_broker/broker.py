@@ -76,6 +76,9 @@ class KombuBroker(Broker):
         queues.
       queue_arguments: extra arguments for ``q`` and ``q.DQ``.
       connect_timeout: seconds to wait for the TCP and AMQP handshake (default 10).
+      blocked_timeout: seconds a send waits while the server blocks publishing (a memory or
+        disk alarm) before it raises ConnectionClosed naming the reason (default 30; pika's
+        ``blocked_connection_timeout`` sets it too).
       ssl: options for ``amqps://`` (passed to kombu).
       transport_options: more options for kombu's connection.
       max_delay: longest accepted ``delay`` in milliseconds (default a year).
@@ -107,6 +110,7 @@ class KombuBroker(Broker):
         delay_prefetch: int | None = None,
         queue_arguments: dict[str, Any] | None = None,
         connect_timeout: float | None = None,
+        blocked_timeout: float | None = None,
         ssl: Any = None,
         transport_options: dict[str, Any] | None = None,
         max_delay: int = DEFAULT_MAX_DELAY_MS,
@@ -122,7 +126,8 @@ class KombuBroker(Broker):
                   "ssl_options": ssl_options, "client_properties": client_properties},
             confirm_delivery=confirm_delivery, max_priority=max_priority, heartbeat=heartbeat,
             connection_name=connection_name, prefetch=prefetch, delay_prefetch=delay_prefetch,
-            queue_arguments=queue_arguments, connect_timeout=connect_timeout, ssl=ssl,
+            queue_arguments=queue_arguments, connect_timeout=connect_timeout,
+            blocked_timeout=blocked_timeout, ssl=ssl,
             transport_options=transport_options, max_delay=max_delay, queue_type=queue_type,
             delivery_limit=delivery_limit,
         )

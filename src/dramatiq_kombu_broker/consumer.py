@@ -22,7 +22,7 @@ from dramatiq.common import q_name
 from dramatiq.errors import DecodeError
 from dramatiq.message import Message, get_encoder
 
-from .reconnect import RecoveryPolicy
+from .reconnect import recovery_policy
 from .retry import connection_closed
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ class KombuConsumer(Consumer):
         # False from the moment the channel failed until a new one consumes.
         self._live = False
         self._dropped = 0
-        self._policy = RecoveryPolicy()
+        settings = broker.settings
+        self._policy = recovery_policy(settings.connection_attempts, settings.retry_delay,
+                                       len(settings.urls))
         #: Recoveries in place so far (a restart by dramatiq makes a new consumer).
         self.recoveries = 0
         self._kombu = broker.consumer_connection

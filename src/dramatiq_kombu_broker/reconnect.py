@@ -85,3 +85,16 @@ class RecoveryPolicy:
     def succeeded(self) -> None:
         self._deadline = None
         self.failures = 0
+
+
+def recovery_policy(connection_attempts: int, retry_delay: float, nodes: int) -> RecoveryPolicy:
+    """The policy of a consumer's recovery, from pika's ``connection_attempts`` (per node of the
+    failover list) and ``retry_delay`` (the first pause, doubling up to MAX_DELAY or itself).
+
+    A recovery never gives up sooner than RECOVERY_ATTEMPTS within RECOVERY_BUDGET: pika's
+    defaults (one attempt) would hand every short outage to dramatiq's fixed 3 s restart.
+    """
+    attempts = max(RECOVERY_ATTEMPTS, connection_attempts * nodes)
+    max_delay = max(MAX_DELAY, retry_delay)
+    return RecoveryPolicy(attempts=attempts, first_delay=retry_delay, max_delay=max_delay,
+                          budget=max(RECOVERY_BUDGET, attempts * max_delay))

@@ -45,9 +45,9 @@ class BrokerSettings:
     #: attempt, as every connect made so far; 0.1 s, the first pause of the broker's retries.
     connection_attempts: int = 1
     retry_delay: float = 0.1
-    #: Longest wait of a publish while the server blocks publishing (pika's
-    #: blocked_connection_timeout); None: no bound.
-    blocked_timeout: float | None = 30.0
+    #: Longest wait of a publish while the server blocks publishing (KombuBroker's
+    #: blocked_timeout, or pika's blocked_connection_timeout); always bounded.
+    blocked_timeout: float = 30.0
     queue_type: str = CLASSIC
     delivery_limit: int | None = None
 
@@ -102,11 +102,9 @@ class BrokerSettings:
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        if self.blocked_timeout is not None and not (
-            _is_number(self.blocked_timeout) and self.blocked_timeout > 0
-        ):
+        if not (_is_number(self.blocked_timeout) and self.blocked_timeout > 0):
             raise ValueError(f"blocked_timeout (blocked_connection_timeout) must be a number of "
-                             f"seconds > 0 or None, got {self.blocked_timeout!r}")
+                             f"seconds > 0, got {self.blocked_timeout!r}")
         if isinstance(self.connection_attempts, bool) or not (
             isinstance(self.connection_attempts, int) and self.connection_attempts >= 1
         ):
@@ -122,11 +120,6 @@ class BrokerSettings:
             raise ValueError(f"transport_options must be a dict, got {self.transport_options!r}")
         if self.connection_name is not None and not isinstance(self.connection_name, str):
             raise ValueError(f"connection_name must be a string, got {self.connection_name!r}")
-        timeout = self.blocked_timeout
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, (int, float)) or timeout < 0):
-            raise ValueError(f"blocked_timeout must be a number of seconds >= 0 or None, "
-                             f"got {timeout!r}")
         if not (isinstance(self.max_delay, int) and self.max_delay > 0):
             raise ValueError(f"max_delay must be a positive number of milliseconds, "
                              f"got {self.max_delay!r}")

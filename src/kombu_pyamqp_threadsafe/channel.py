@@ -154,8 +154,13 @@ class Channel(pyamqp.Channel):
         args = (0, exchange, routing_key, mandatory, immediate)
         if timeout is None:
             return self.send_method(spec.Basic.Publish, argsig, args, msg)
+        transport = connection.transport
+        if transport is None:  # torn down since the check above
+            failure = connection._failure
+            raise (failure.for_caller() if failure is not None
+                   else RecoverableConnectionError("basic_publish: connection closed"))
         try:
-            with connection.transport.having_timeout(timeout):
+            with transport.having_timeout(timeout):
                 return self.send_method(spec.Basic.Publish, argsig, args, msg)
         except TimeoutError as exc:
             # As upstream (py-amqp#452): a publish that times out is a connection error.
@@ -166,7 +171,9 @@ class Channel(pyamqp.Channel):
     # Upstream: waits by draining the connection from any thread. Here only the owner may wait,
     # because replies are delivered to the owner's inbox.
     # While it waits, drain_events checks that the channel is still the caller's (another
-    # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever.
+    # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever,
+    # and while the server blocks the connection it waits at most blocked_timeout from the
+    # start of the block.
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
@@ -175,13 +182,12 @@ class Channel(pyamqp.Channel):
             return super().wait(method, callback=callback, timeout=timeout,
                                 returns_tuple=returns_tuple)
         closing = timeout is None and method == spec.Channel.CloseOk
-        local = connection._local
-        previous = getattr(local, "waiting_on", None)
         try:
-            local.waiting_on = self
-            return super().wait(method, callback=callback,
-                                timeout=CLOSE_OK_TIMEOUT if closing else timeout,
-                                returns_tuple=returns_tuple)
+            # Deliveries are not deferred while closing: they are dropped then.
+            with connection.waiting_for_reply(self, defer=not self.is_closing):
+                return super().wait(method, callback=callback,
+                                    timeout=CLOSE_OK_TIMEOUT if closing else timeout,
+                                    returns_tuple=returns_tuple)
         except TimeoutError:
             if closing:  # see close()
                 self.collect()
@@ -190,8 +196,6 @@ class Channel(pyamqp.Channel):
             if self.connection is None:  # upstream's "already closed": closed by whom?
                 self._check_still_owned(connection._thread_inbox())
             raise
-        finally:
-            local.waiting_on = previous
 
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
     # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
@@ -219,11 +223,15 @@ class Channel(pyamqp.Channel):
 
     # Upstream: logs a warning for every method that arrives while the channel closes (for
     # example deliveries already in flight). Those are expected; drop them quietly.
+    # The method leaves the mailbox's hand only here, as late as Python code can tell
+    # (Mailbox.take): an interrupt before this line has it dispatched by the next wait.
     def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> Any:
+        dispatch = super().dispatch_method
+        self._mailbox.dispatching(method_sig, payload, content)
         if self.is_closing and method_sig not in self._ALLOWED_METHODS_WHEN_CLOSING:
             logger.debug("channel %s closing: dropped %s", self.channel_id, method_sig)
             return None
-        return super().dispatch_method(method_sig, payload, content)
+        return dispatch(method_sig, payload, content)
 
     # Upstream: waits for "the next" basic.ack/basic.nack on the channel, whichever message it
     # confirms, so a late confirm of an earlier publish (one that was returned unroutable, or
@@ -271,6 +279,7 @@ class Channel(pyamqp.Channel):
         return result
 
     def _close_out_of_step(self) -> None:
+        self._raise_if_failed()  # a connection that stopped says so first
         channel_id = self.channel_id
         with suppress(AMQPError, OSError):
             self.close()
@@ -290,21 +299,13 @@ class Channel(pyamqp.Channel):
             connection = self.connection
             if connection is None:
                 self._raise_if_failed()
-                self._check_still_owned(self._mailbox.owner if inbox is None else inbox)
+                if inbox is not None:
+                    self._check_still_owned(inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            wait = connection.flow.bound_confirm_wait(remaining)
-            local = connection._local
-            previous = getattr(local, "waiting_on", None)
-            try:
-                local.waiting_on = self
-                connection.drain_events(timeout=wait)
-            except TimeoutError:
-                if wait == remaining:
-                    raise
-            finally:
-                local.waiting_on = previous
+            with connection.waiting_for_reply(self):
+                connection.drain_events(timeout=remaining)
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)

@@ -15,7 +15,9 @@ import queue
 import socket
 import threading
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from time import monotonic
 from typing import Any
 
 from amqp import spec
@@ -29,13 +31,15 @@ from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .flow import FlowControl
 from .frames import FrameWriter
-from .inbox import Inbox
+from .inbox import DEFERRED, Inbox
 from .reader import Reader
 from .stats import ChannelTotals
 from .tls import TLSSocket
 
 logger = logging.getLogger(__name__)
 
+#: Methods a thread waiting for a reply or a confirm leaves for its next drain_events().
+DELIVERIES = frozenset({spec.Basic.Deliver})
 #: How long close() waits for the server's Close-Ok before dropping the socket anyway.
 CLOSE_TIMEOUT = 5.0
 #: How long teardown waits for the reader thread to notice the socket is gone.
@@ -228,6 +232,12 @@ class Connection(pyamqp.Connection):
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a
     # channel the calling thread owns; socket.timeout when none arrives within ``timeout``.
+    # Inside a wait for a reply or a confirm (waiting_for_reply), the owner of the channel is
+    # checked first, the wait is bounded while the server blocks the connection (flow.py), and
+    # consumer deliveries are left for the thread's next plain drain_events(): upstream runs
+    # them nested in the wait, which on a connection shared by several kombu.Connections runs a
+    # consumer's callback inside another's publish (Celery's worker: a task-received event
+    # re-entering its dispatcher).
     def drain_events(self, timeout: float | None = None) -> None:
         failure = self._failure
         if failure is not None:
@@ -235,24 +245,74 @@ class Connection(pyamqp.Connection):
         if self._reader is None:
             return super().drain_events(timeout=timeout)
         inbox = self._current_inbox()
-        waiting_on = getattr(self._local, "waiting_on", None)
+        local = self._local
+        waiting_on = getattr(local, "waiting_on", None)
+        wait = timeout
         if waiting_on is not None:
             waiting_on._check_still_owned(inbox)
+            # A reply (a confirm, a declare-ok, a channel's open-ok) does not come while the
+            # server blocks the connection: wait at most blocked_timeout from the start of the
+            # block (flow.py).
+            wait = self.flow.bound_confirm_wait(timeout)
+        defer = getattr(local, "defer", None)
+        deadline = None if wait is None else monotonic() + max(wait, 0.0)
+        deferred: list[Any] = []  # doorbells left for later, in order
+        scanned: dict[Any, int] = {}  # how many methods of a mailbox are known to be deferred
         try:
-            mailbox = inbox.next_mailbox(None if timeout is None else max(timeout, 0.0))
-        except queue.Empty:
-            raise TimeoutError("timed out") from None
-        if mailbox is None:
-            failure = self._failure
-            if failure is not None:
-                raise failure.for_caller()
-            return None
-        method = mailbox.take(inbox)
-        channel = mailbox.channel
-        if method is None or channel is None or channel.connection is None:
-            return None
-        channel.dispatch_method(*method)
-        return None
+            while True:
+                remaining = None if deadline is None else max(deadline - monotonic(), 0.0)
+                try:
+                    mailbox = inbox.next_mailbox(remaining, skip=scanned)
+                except queue.Empty:
+                    if wait != timeout:  # the block's bound ran out, not the caller's
+                        self.flow.bound_confirm_wait(timeout)  # raises PublishBlockedError
+                        return None  # unblocked meanwhile
+                    raise TimeoutError("timed out") from None
+                if mailbox is None:
+                    failure = self._failure
+                    if failure is not None:
+                        raise failure.for_caller()
+                    return None
+                method = mailbox.take(inbox, defer, scanned.get(mailbox, 0))
+                if method is DEFERRED:
+                    deferred.append(mailbox)
+                    scanned[mailbox] = mailbox.pending_count()
+                    continue
+                if method is None:
+                    return None
+                channel = mailbox.channel
+                if channel is None or channel.connection is None:
+                    mailbox.dispatching(*method)  # its channel is gone: nobody dispatches it
+                    return None
+                channel.dispatch_method(*method)
+                return None
+        finally:
+            if deferred:
+                inbox.put_back(deferred)
+
+    @contextmanager
+    def waiting_for_reply(self, channel: Any, defer: bool = True) -> Iterator[None]:
+        """The calling thread waits for a reply on ``channel``: each drain_events() meanwhile
+        checks that the channel is still the caller's (another thread may close it), is bounded
+        while the server blocks the connection, and with ``defer`` leaves consumer deliveries
+        for the thread's next plain drain_events()."""
+        local = self._local
+        previous = getattr(local, "waiting_on", None), getattr(local, "defer", None)
+        try:
+            local.waiting_on = channel
+            if defer:
+                local.defer = DELIVERIES
+            yield
+        finally:
+            local.waiting_on, local.defer = previous
+
+    # Upstream: refuses once teardown set channels to None. Here channels stays a dict (see
+    # _teardown), so a connection that stopped says why before making a channel.
+    def channel(self, channel_id: int | None = None, callback: Any = None) -> Any:
+        failure = self._failure
+        if failure is not None:
+            raise failure.for_caller()
+        return super().channel(channel_id, callback)
 
     # Upstream: ticks heartbeats when the application calls it. Here the reader thread ticks
     # them on every connection, so this is a no-op kept for kombu's heartbeat_check().
@@ -376,9 +436,11 @@ class Connection(pyamqp.Connection):
                 if channel is not self:
                     channel._failure = self._failure
                     channel.collect()
-        # Upstream sets channels to None too; other threads may be inside py-amqp code that
-        # indexes it (a Channel being made), and would get TypeError, not a connection error.
-        # Here it stays a dict: what they do next reaches the writer, which raises the failure.
+            # Upstream sets channels to None; other threads may be inside py-amqp code that
+            # indexes it (a Channel being made), and would get TypeError, not a connection
+            # error. Here it stays a dict, emptied (it holds this connection as channel 0):
+            # what they do next reaches the writer, which raises the failure.
+            channels.clear()
         self._transport = self.connection = None
 
     # Upstream: closes the socket and forgets the channels. Here the same, after stopping the

@@ -115,11 +115,13 @@ class FlowControl:
             raise PublishBlockedError(self.reason or "connection blocked", monotonic() - started)
 
     def bound_confirm_wait(self, remaining: float | None) -> float | None:
-        """How long a confirm wait may block now: ``remaining``, or less while blocked.
+        """How long a wait for a confirm (or another reply) may block now: ``remaining``, or
+        less while blocked.
 
-        A publish written just before the block can wait for its confirm behind the alarm; it
-        waits at most ``blocked_timeout`` from the start of the block, then raises
-        PublishBlockedError (the server may still take that message: the outcome is unknown).
+        A method written just before the block (the publish that made the server block, whose
+        confirm then comes only after the alarm; a declare or a channel open that crossed the
+        notification) waits at most ``blocked_timeout`` from the start of the block, then
+        raises PublishBlockedError (the server may still act on it: the outcome is unknown).
         """
         since = self.since  # read before the flag: see unblock()
         if not since or self._open.is_set() or self.timeout is None:

@@ -99,8 +99,12 @@ class FrameWriter:
         sock = transport.sock
         # An ssl.SSLSocket (not made by this package) has no sendmsg: one write per message.
         self._sendmsg = None if isinstance(sock, ssl.SSLSocket) else sock.sendmsg
-        # The reader's writes: never block (it is the one thread that checks heartbeats).
-        self._send_nowait = None if self._sendmsg is None else _nonblocking(sock)
+        # The reader's writes: never block (it is the one thread that checks heartbeats). Only
+        # where the writer sends its bytes on the socket as they are; a writer that transforms
+        # them first (TLS) leaves the reader to drain as a publisher does.
+        sendmsg = self._sendmsg
+        self._send_nowait = (_nonblocking(sock) if sendmsg is not None and sendmsg == sock.sendmsg
+                             else None)
         # Guards the socket's outbound byte stream: its holder writes every queued message,
         # each whole. Held across a blocking write, never across a read. An RLock because it
         # knows its owner, which lets a write release it exactly when it holds it.
@@ -213,13 +217,18 @@ class FrameWriter:
                        timeout: float | None) -> None:
         """Wait up to ``timeout`` seconds for the lock, then write ``data`` and what is queued
         (the queue is full, so a socket the server stops reading pushes back on publishers;
-        or the socket is TLS)."""
+        or the socket is TLS). Without a timeout the wait ends when the holder lets go: its
+        send ends when the peer reads, by TCP_USER_TIMEOUT, or when a failure shuts the socket
+        down, and then this publish raises the failure instead of returning as if written."""
         lock = self.lock
         try:
             # Acquired inside the try: an asynchronous exception (dramatiq's TimeLimit) raised
             # as acquire() returns must still release the lock, or every thread would hang.
             if not lock.acquire(timeout=-1 if timeout is None else timeout):
                 raise TimeoutError("timed out waiting to write to the shared connection")
+            failure = self._connection._failure
+            if failure is not None:
+                raise failure.for_caller()
             if self._enqueue(data, channel, method_sig):
                 self._flush()
         finally:

@@ -23,6 +23,8 @@ from . import forksafe
 
 #: A method as the reader hands it over: (method_sig, payload, content).
 Method = tuple[Any, Any, Any]
+#: Mailbox.take(): only methods the caller defers are pending.
+DEFERRED: Any = object()
 
 
 class Wakeup:
@@ -119,7 +121,11 @@ class Inbox:
     def qsize(self) -> int:
         return len(self._doorbells)
 
-    def next_mailbox(self, timeout: float | None) -> Mailbox | None:
+    def put_back(self, mailboxes: list[Mailbox]) -> None:
+        """The owning thread: doorbells it took and left for later go back in front."""
+        self._doorbells.extendleft(reversed(mailboxes))
+
+    def next_mailbox(self, timeout: float | None, skip: Any = ()) -> Mailbox | None:
         """The owning thread: the next doorbell; raises queue.Empty after ``timeout`` seconds.
 
         An asynchronous exception (dramatiq's TimeLimit) can land after a doorbell was taken
@@ -131,7 +137,7 @@ class Inbox:
             if self._doorbells:
                 return self._doorbells.popleft()
             for mailbox in tuple(self.owned):
-                if mailbox.has_pending():
+                if mailbox.has_pending() and mailbox not in skip:
                     return mailbox
             remaining = None
             if deadline is not None:
@@ -160,19 +166,21 @@ RETIRED: Any = _RetiredInbox()
 class Mailbox:
     """The methods received for one channel that its owner has not dispatched yet."""
 
-    __slots__ = ("channel", "owner", "_pending", "_lock")
+    __slots__ = ("channel", "owner", "_pending", "_in_hand", "_lock")
 
     def __init__(self, channel: Any, owner: Inbox) -> None:
         self.channel: Any = channel
         self.owner = owner
         self._pending: deque[Method] = deque()
+        # The method taken last, until its dispatch begins (see take()).
+        self._in_hand: Method | None = None
         # Guards owner against a concurrent take(), so a method is taken only by the current
         # owner (post() appends without it; see there).
         self._lock = threading.Lock()
         owner.owned.add(self)
 
     def has_pending(self) -> bool:
-        return bool(self._pending)
+        return bool(self._pending) or self._in_hand is not None
 
     def pending_count(self) -> int:
         """Any thread: how many methods wait for the owner (for stats)."""
@@ -194,12 +202,46 @@ class Mailbox:
         self._pending.append(method)
         return self.owner
 
-    def take(self, inbox: Inbox) -> Method | None:
-        """Owner thread, after a doorbell: the next method, or None if it moved away."""
+    def take(self, inbox: Inbox, defer: Any = None, start: int = 0) -> Any:
+        """Owner thread, after a doorbell: the next method, or None if it moved away.
+
+        With ``defer`` (method signatures), the first method of another kind from index
+        ``start`` on (the caller knows the ones before are deferred), or DEFERRED when there is
+        none (the deferred ones stay, in order).
+
+        The method stays in hand until :meth:`dispatching` says its dispatch began, so one
+        that an asynchronous exception (dramatiq's TimeLimit) loses on the way (a delivery
+        that nobody would ack until its channel closed) is taken again by the next wait. It
+        is put in hand before it leaves the queue: CPython raises such an exception only
+        after a call returns, and never between the two stores.
+        """
         with self._lock:
-            if self.owner is not inbox or not self._pending:
+            if self.owner is not inbox:
                 return None
-            return self._pending.popleft()
+            in_hand = self._in_hand
+            if in_hand is not None:
+                return in_hand
+            pending = self._pending
+            if not pending:
+                return None
+            if not defer or (start == 0 and pending[0][0] not in defer):
+                in_hand = self._in_hand = pending[0]
+                pending.popleft()
+                return in_hand
+            for index in range(start, len(pending)):
+                method = pending[index]
+                if method[0] not in defer:
+                    self._in_hand = method
+                    del pending[index]
+                    return method
+            return DEFERRED
+
+    def dispatching(self, method_sig: Any, payload: Any, content: Any) -> None:
+        """Owner thread: this method's dispatch begins; never take it again."""
+        in_hand = self._in_hand
+        if (in_hand is not None and in_hand[1] is payload and in_hand[2] is content
+                and in_hand[0] == method_sig):
+            self._in_hand = None
 
     def move_to(self, inbox: Inbox) -> Inbox:
         """Make ``inbox``'s thread the owner; return the previous owner's inbox."""
@@ -210,6 +252,8 @@ class Mailbox:
             if previous is not inbox:
                 previous.owned.discard(self)
                 inbox.owned.add(self)
+                # A method in hand stays the previous owner's: it may be dispatching it.
+                self._in_hand = None
                 for _ in range(len(self._pending)):
                     inbox.put(self)
         return previous
@@ -220,6 +264,7 @@ class Mailbox:
         thread's inbox and eventfd (not whenever the cyclic collector runs)."""
         with self._lock:
             self._pending.clear()
+            self._in_hand = None
             self.owner.owned.discard(self)
             self.owner = RETIRED
             self.channel = None

@@ -8,7 +8,7 @@ from typing import Any
 
 import kombu
 
-from . import forksafe
+from . import forksafe, kombu_hooks
 from .channel import Channel
 from .pool import ChannelPool
 from .singleflight import SingleFlight
@@ -31,16 +31,21 @@ class KombuConnection(kombu.Connection):
 
     def __init__(self, *args: Any, channel_pool_limit: int | None = DEFAULT_CHANNEL_POOL_LIMIT,
                  **kwargs: Any) -> None:
+        kombu_hooks.install()
         args, kwargs = _with_thread_safe_transport(args, kwargs)
+        if not kwargs.get("heartbeat"):
+            # kombu's meaning of heartbeat 0, off, which the transport gives only when told
+            # so in the transport options (it makes 0 mean DEFAULT_HEARTBEAT for plain
+            # kombu.Connections, which Celery's worker opens with 0).
+            options = dict(kwargs.get("transport_options") or {})
+            options.setdefault("heartbeat", 0)
+            kwargs["transport_options"] = options
         super().__init__(*args, **kwargs)
         self._channel_pool_limit = channel_pool_limit
         self._connecting = SingleFlight()
         # Guards the lazy creation of _channel_pool.
         self._pool_lock = threading.Lock()
         self._channel_pool: ChannelPool | None = None
-        # Guards _default_channels: each thread's default channel, by thread.
-        self._default_channels_lock = threading.Lock()
-        self._default_channels: dict[threading.Thread, Channel] = {}
         forksafe.register(self)
 
     @classmethod
@@ -57,6 +62,7 @@ class KombuConnection(kombu.Connection):
         return self._connecting.run(
             lambda: self._connect_in_turn(args, kwargs),
             lambda: self._connection if self.connected else None,
+            timeout=kwargs.get("timeout"),
         )
 
     # Upstream: moves to the next failover URL only between the retries of one call, so a call
@@ -104,24 +110,10 @@ class KombuConnection(kombu.Connection):
 
     @property
     def default_channel(self) -> Channel:
-        """The calling thread's own channel (upstream: one channel for every thread).
-
-        Channels of threads that have ended are closed when a new one is made, so short-lived
-        threads do not use up the server's channel_max.
-        """
+        """The calling thread's own channel on the shared connection (upstream: one channel
+        for every thread). Channels of ended threads are closed as new ones open."""
         connection = self._ensure_connection(**self._extract_failover_opts())
-        thread = threading.current_thread()
-        channel = self._default_channels.get(thread)
-        if channel is not None and channel.connection is connection and channel.is_open:
-            return channel
-        channel = self.channel()
-        with self._default_channels_lock:
-            self._default_channels[thread] = channel
-            ended = [t for t in self._default_channels if not t.is_alive()]
-            orphans = [self._default_channels.pop(t) for t in ended]
-        for orphan in orphans:
-            self.maybe_close_channel(orphan)
-        return channel
+        return self.transport.default_channel(connection)
 
     @property
     def default_channel_pool(self) -> ChannelPool:
@@ -143,8 +135,6 @@ class KombuConnection(kombu.Connection):
     def _after_fork_in_child(self) -> None:
         self._connecting.reset()
         self._pool_lock = threading.Lock()
-        self._default_channels_lock = threading.Lock()
-        self._default_channels = {}
         if self._channel_pool is not None:
             self._channel_pool._after_fork_in_child()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from time import monotonic
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -31,12 +32,16 @@ class SingleFlight:
         self._lock = threading.Lock()
         self._flight: _Flight | None = None
 
-    def run(self, fn: Callable[[], T], done: Callable[[], T | None]) -> T:
+    def run(self, fn: Callable[[], T], done: Callable[[], T | None],
+            timeout: float | None = None) -> T:
         """Return ``done()`` if it is not None, else the result of ``fn`` run by one thread.
 
         A waiter whose leader failed runs ``fn`` itself (with its own retry policy) rather than
-        re-raising somebody else's exception.
+        re-raising somebody else's exception. So does a waiter that has waited ``timeout``
+        seconds (its own connect timeout) for a leader still trying: it is not held to the
+        leader's policy (which may be to retry for ever), and fails as its own ``fn`` does.
         """
+        deadline = None if timeout is None else monotonic() + timeout
         while True:
             result = done()
             if result is not None:
@@ -61,9 +66,13 @@ class SingleFlight:
                         with self._lock:
                             if self._flight is flight:
                                 self._flight = None
-            while not flight.done.wait(STALE_CHECK):
+            while not flight.done.wait(STALE_CHECK if deadline is None
+                                       else max(0.0, min(STALE_CHECK, deadline - monotonic()))):
                 if self._flight is not flight:  # its leader was interrupted before waking us
                     break
+                if deadline is not None and monotonic() >= deadline:
+                    result = done()
+                    return result if result is not None else fn()
 
     def reset(self) -> None:
         """Forget a flight whose thread did not survive fork()."""

@@ -18,10 +18,10 @@ Asynchronous exceptions (dramatiq's TimeLimit) land only between bytecodes. Taki
 off the writer's queue and encrypting it happen in one C call (``deque.extend(map(write,
 feed))``), so a message is either still queued or encrypted into the outgoing BIO; ciphertext
 moves from the BIO to ``_unsent`` in one C call too; a thread interrupted after encrypting sends
-``_unsent`` on its way out (else the next writer does). Only a send whose outcome is unknown
-(interrupted after ``sendmsg`` took a batch, in the main thread, where signals can cut a send
-short) breaks the stream: the socket is shut down and the connection fails, never half a
-record on the wire.
+``_unsent`` on its way out (else the next writer does). What cannot be told apart (a send
+interrupted after ``sendmsg`` took a batch, in the main thread, where signals can cut a send
+short; a fatal TLS error; a renegotiation's write that cannot be repeated) breaks the stream:
+the socket is shut down and the connection fails, never half a record on the wire.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class TLSSocket:
     one reading thread and writing threads that take turns (the connection's write lock).
 
     ``recv``/``recv_into``/``pending`` are for the one reading thread, ``sendmsg``/``sendall``
-    for a writer holding the write lock; ``shutdown`` and ``close`` for anyone.
+    for a writer holding the write lock (``sendmsg`` with ``MSG_DONTWAIT``, and ``shutdown``
+    and ``close``, for anyone).
     """
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *,
@@ -93,7 +94,7 @@ class TLSSocket:
         self._broken: BaseException | None = None
         self._notified = False
         self._scratch = memoryview(bytearray(RECV_SIZE))
-        self.timeout = timeout or RENEGOTIATION_TIMEOUT
+        self._renegotiation_timeout = timeout or RENEGOTIATION_TIMEOUT
 
     @classmethod
     def over(cls, wrapped: ssl.SSLSocket, timeout: float | None = None) -> TLSSocket:
@@ -190,7 +191,7 @@ class TLSSocket:
         stream ended), then decrypt into ``view`` as much as has arrived: the byte count, 0 at
         the end of the stream, None when a whole record is still missing."""
         size = len(view)
-        got = 0
+        got: int | None = 0
         with self._tls_lock:
             try:
                 if received is not None:
@@ -236,6 +237,7 @@ class TLSSocket:
             # close_notify (SSL_ERROR_ZERO_RETURN), or the TCP stream ended without it (read
             # as the end too, like upstream's suppress_ragged_eofs).
             self._eof = self._ready = True
+            self._starved = False
             return got
         # The buffer is full. Look one record ahead, so pending() tells whether decrypted data
         # waits that no poll of the socket would announce.
@@ -255,13 +257,22 @@ class TLSSocket:
     def sendmsg(self, buffers: Iterable[Any], ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> int:
         """Encrypt every buffer (taking each from ``buffers`` only as it is encrypted) and send
-        them, after any ciphertext made before; the plaintext byte count. Blocking; the caller
-        holds the connection's write lock."""
+        them, after any ciphertext made before; the plaintext byte count, always all of it.
+
+        Blocking, by the holder of the connection's write lock. With ``MSG_DONTWAIT`` it sends
+        what the socket takes now and leaves the rest, in order, to the next write.
+        """
         try:
             return self._encrypt(buffers)
         finally:
             # Also on an interrupt: what was encrypted goes out now, not with the next write.
-            self._send_unsent()
+            if flags & socket.MSG_DONTWAIT:
+                self._send_unsent_nowait()
+            else:
+                self._send_unsent()
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        return self.sendmsg((data,), (), flags)
 
     def sendall(self, data: Any) -> None:
         self.sendmsg((data,))
@@ -305,7 +316,7 @@ class TLSSocket:
                     self._unsent.extend(iter(self._outgoing.read, b""))
             try:
                 if deadline is None:
-                    deadline = monotonic() + self.timeout
+                    deadline = monotonic() + self._renegotiation_timeout
                 self._send_unsent()
 
                 def read_since(seen: int = seen) -> bool:
@@ -337,9 +348,9 @@ class TLSSocket:
                     self._send_batch(0)
 
     def _send_unsent_nowait(self) -> None:
-        """Reader: send what it can of ``_unsent`` without blocking. If a writer holds the send
-        lock, that writer sends it; what the socket does not take now goes with the next
-        write (at the latest the next heartbeat)."""
+        """Send what the socket takes now of ``_unsent`` (the reader's way). If a writer holds
+        the send lock, that writer sends it; what the socket does not take now goes with the
+        next write (at the latest the next heartbeat)."""
         lock = self._send_lock
         if not lock.acquire(blocking=False):
             return
