@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Lint every Python directory of the repository.
 LINT_PATHS := $(wildcard src tests stress examples)
 
-.PHONY: venv rabbitmq lint typecheck test suite stress bench clean
+.PHONY: venv rabbitmq lint typecheck test suite stress bench cluster cluster-stop clean
 
 # A venv made by another interpreter than PYTHON is an error (pick another VENV), never reused.
 define check_venv_python
@@ -70,6 +70,14 @@ bench: venv rabbitmq
 		exit 1; \
 	fi
 	$(VENV_PY) -m stress.bench $(BENCH_ARGS)
+
+# A local 3-node cluster beside the default server (AMQP 5691-5693); `make test` starts and stops
+# it by itself when the cluster tests run. See scripts/rabbitmq-cluster.
+cluster:
+	@scripts/rabbitmq-cluster start
+
+cluster-stop:
+	@scripts/rabbitmq-cluster stop
 
 clean:
 	rm -rf "$(VENV)" build dist .pytest_cache .ruff_cache .mypy_cache

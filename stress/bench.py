@@ -24,6 +24,9 @@ Writes ``stress/results/bench.md`` and ``bench-throughput.png``, ``bench-connect
 ``bench-p99.png``.
 
     python -m stress.bench [--repeat 3] [--quick] [--duration 15] [--brokers kombu,rabbitmq]
+    python -m stress.bench --cluster     # on the local 3-node cluster (stress/cluster_faults.py):
+                                         # KombuBroker on quorum and on classic queues,
+                                         # RabbitmqBroker on classic; writes bench-cluster.md
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ from typing import Any
 
 from dramatiq_kombu_broker.topology import declarations, queue_arguments
 from stress import rabbit_admin
+from stress.cluster_faults import (
+    CLUSTER_NOTE,
+    bench_broker,
+    bench_cluster,
+    cluster_bench_defaults,
+    cluster_url,
+)
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
@@ -79,7 +89,8 @@ from stress.workload import (
 
 MODULE = "stress.bench"
 OUTPUT = RESULTS_DIR / "bench.md"
-BROKER_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)"}
+BROKER_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)",
+                 "kombu-quorum": "KombuBroker (quorum queues)"}
 WORKLOAD_LABELS = {"enqueue": "enqueue", "drain": "worker drain", "chain": "send-the-next"}
 
 
@@ -142,7 +153,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
         _queue_admin(url, queue, declare=True, preload=bodies)
 
     sampler = ProcessSampler(amqp_port(url)).start()
-    broker = make_broker(kind, url, prefix)
+    broker = (bench_broker if kind == "kombu-quorum" else make_broker)(kind, url, prefix)
     actor = define_hop_actor(broker, queue, tracker_recorder(tracker), lambda: deadline[0],
                              claim=tracker.claim)
     worker = None
@@ -368,6 +379,8 @@ def render(args: argparse.Namespace, cases: list[dict], results: dict[Key, list[
         "Both brokers: `confirm_delivery=True`, persistent messages, classic queues.",
         f"Machine (shared and noisy, RabbitMQ on the same 2 cores): {machine_line()}.",
     ]
+    if args.cluster:
+        notes.append(CLUSTER_NOTE)
     if any(r.get("skipped") for runs in results.values() for r in runs):
         notes.append(
             "skipped: RabbitMQ 3.x stops accepting handshakes at its socket limit (832 with "
@@ -392,7 +405,7 @@ def plot(args: argparse.Namespace, cases: list[dict], results: dict[Key, list[di
         ("p99", "p99 latency (ms)",
          lambda r: None if r.get("p99") is None else r["p99"] * 1000, False),
     ]
-    colors = {"kombu": "tab:blue", "rabbitmq": "tab:orange"}
+    colors = {"kombu": "tab:blue", "rabbitmq": "tab:orange", "kombu-quorum": "tab:green"}
     styles = {"enqueue": "o-", "drain": "s--", "chain": "^-."}
     written = []
     workloads = [w for w in ("enqueue", "drain", "chain") if any(c["workload"] == w for c in cases)]
@@ -439,7 +452,7 @@ def plot(args: argparse.Namespace, cases: list[dict], results: dict[Key, list[di
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"bench-{name}.png"
+        path = out_dir / f"{Path(args.output).stem}-{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -455,8 +468,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=None, help="repeats (default 3; quick 1)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: few threads, short cases, one repeat (< 1 min)")
-    parser.add_argument("--brokers", default="kombu,rabbitmq",
-                        help="comma-separated subset of kombu,rabbitmq")
+    parser.add_argument("--brokers", default=None,
+                        help="comma-separated subset of kombu,rabbitmq (--cluster: and "
+                             "kombu-quorum; default all)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on the local 3-node cluster (started if needed): "
+                             "send-the-next at 50 and 300 threads, enqueue at 64")
     parser.add_argument("--enqueue-threads", type=int_list, default=None,
                         help="default 1,8,64")
     parser.add_argument("--enqueue-messages", type=int, default=None, help="default 3000")
@@ -470,11 +487,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="comma-separated subset of enqueue,drain,chain")
     parser.add_argument("--force-over-socket-limit", action="store_true",
                         help="run cases even when they exceed the server's spare sockets")
-    parser.add_argument("--output", default=str(OUTPUT), help="markdown output file")
+    parser.add_argument("--output", default=None, help=f"markdown output file (default {OUTPUT}; "
+                        "--cluster: bench-cluster.md)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = argv
     quick = args.quick
+    if args.cluster:
+        cluster_bench_defaults(args)
+    args.brokers = args.brokers or "kombu,rabbitmq"
+    args.output = args.output or str(OUTPUT)
     defaults = {
         "repeat": (1, 3), "enqueue_threads": ([1, 8], [1, 8, 64]),
         "enqueue_messages": (300, 3000), "drain_threads": ([8], [8, 64]),
@@ -516,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_total = args.repeat * len(cases) * len(args.brokers)
     done = 0
     started = time.monotonic()
-    with dedicated_vhost("bench") as vhost:
-        url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
+    with bench_cluster() if args.cluster else dedicated_vhost("bench") as vhost:
+        url = cluster_url(vhost) if args.cluster else url_for_vhost(rabbit_admin.amqp_url(), vhost)
         print(f"vhost {vhost}; {runs_total} case runs", file=sys.stderr)
         for rep in range(args.repeat):
             for index, case in enumerate(cases):

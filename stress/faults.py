@@ -6,6 +6,8 @@
     python -m stress.faults --loops 50           # resource hygiene over 50 faults
     python -m stress.faults --idle               # a worker idle for 600 s (--idle SECONDS)
     python -m stress.faults --close-cost --messages 5000 --work-ms 50   # 3 closes vs no fault
+    python -m stress.faults --cluster            # node loss on the local 3-node cluster
+                                                 # (stress/cluster_faults.py, its own options)
 
 Each fault case runs a real dramatiq Worker (64 threads) on KombuBroker while senders stream a
 few thousand messages, each with an id, and injects one fault:
@@ -203,6 +205,11 @@ def close_cost(ctx: fh.Context, closes: int = 3) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--cluster" in argv:
+        from stress import cluster_faults
+
+        return cluster_faults.main([a for a in argv if a != "--cluster"])
     args = parse_args(argv)
     scale = replace(fh.SCRIPT_SCALE, messages=args.messages, threads=args.threads,
                     senders=args.senders, burst_senders=args.burst_senders,

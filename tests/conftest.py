@@ -17,6 +17,7 @@ import amqp
 import pytest
 
 from broker_helpers import BrokerEnv
+from cluster_helpers import cluster_vhost, rabbit_cluster  # noqa: F401 - session fixtures
 from stress import rabbit_admin
 from transport_helpers import kombu_connection
 
