@@ -9,12 +9,15 @@ ends the send. Here a bound shorter than any round trip stands in for the missin
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 
+import amqp
 import dramatiq
 import pytest
 from dramatiq.errors import ConnectionClosed
 
 from broker_helpers import BrokerEnv, run_bounded, unique
+from transport_helpers import Proxy, kombu_connection, url_for
 
 
 def test_a_confirm_that_does_not_come_in_time_fails_the_send(env: BrokerEnv) -> None:
@@ -38,7 +41,7 @@ def test_a_confirm_that_does_not_come_in_time_fails_the_send(env: BrokerEnv) -> 
 def test_the_default_confirm_timeout_lets_a_send_through(env: BrokerEnv) -> None:
     broker = env.broker()
     queue = unique()
-    assert broker.settings.confirm_timeout == 30.0
+    assert broker.settings.confirm_timeout == 10.0
 
     @dramatiq.actor(broker=broker, queue_name=queue)
     def task() -> None:
@@ -52,3 +55,27 @@ def test_the_default_confirm_timeout_lets_a_send_through(env: BrokerEnv) -> None
 def test_a_bad_confirm_timeout_is_refused(env: BrokerEnv, value: object) -> None:
     with pytest.raises(ValueError, match="confirm_timeout"):
         env.broker(confirm_timeout=value)
+
+
+def test_a_channel_whose_confirm_timed_out_closes_without_waiting(vhost, connection_name):
+    """The server holds the confirm (here a proxy that stops forwarding, heartbeats off): it may
+    hold the Close-Ok as long, so close() must not wait for it (before: CLOSE_OK_TIMEOUT, 5 s,
+    per discarded channel, on top of the confirm timeout)."""
+    with Proxy() as proxy:
+        conn = kombu_connection(url_for(vhost, proxy.port), connection_name, heartbeat=0,
+                                transport_options={"confirm_publish": True})
+        try:
+            conn.ensure_connection(max_retries=3)
+            channel = conn.channel()
+            queue = channel.queue_declare("", exclusive=True).queue
+            channel.basic_publish(amqp.Message(b"x"), routing_key=queue)  # confirm.select done
+            proxy.pause()
+            with pytest.raises(TimeoutError):
+                channel.basic_publish(amqp.Message(b"x"), routing_key=queue, confirm_timeout=0.5)
+            started = time.monotonic()
+            with suppress(OSError):
+                channel.close()
+            assert time.monotonic() - started < 1.0
+            assert not channel.is_open
+        finally:
+            conn.collect()

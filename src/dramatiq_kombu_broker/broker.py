@@ -77,7 +77,7 @@ class KombuBroker(Broker):
       queue_arguments: extra arguments for ``q`` and ``q.DQ``.
       connect_timeout: seconds to wait for the TCP and AMQP handshake (default 10).
       confirm_timeout: seconds a publish waits for its confirm before the send retries it
-        (default 30; a send that still gets none raises ConnectionClosed).
+        (default 10; a send that still gets none raises ConnectionClosed).
       blocked_timeout: seconds a send waits while the server blocks publishing (a memory or
         disk alarm) before it raises ConnectionClosed naming the reason (default 30; pika's
         ``blocked_connection_timeout`` sets it too).

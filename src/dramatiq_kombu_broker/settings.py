@@ -49,7 +49,11 @@ class BrokerSettings:
     #: blocked_timeout, or pika's blocked_connection_timeout); always bounded.
     blocked_timeout: float = 30.0
     #: Longest wait of a publish for its confirm; then it is retried (a possible duplicate).
-    confirm_timeout: float = 30.0
+    #: A healthy node confirms in milliseconds, a loaded one within a second or two; a hung
+    #: queue leader holds the confirm until the cluster declares its node down (net_ticktime,
+    #: 60 s by default) or it resumes. 10 s, the connect budget: a send then fails within about
+    #: 20 s, below the usual 30-60 s request timeouts, instead of hanging.
+    confirm_timeout: float = 10.0
     queue_type: str = CLASSIC
     delivery_limit: int | None = None
 

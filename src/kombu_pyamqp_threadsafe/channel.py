@@ -36,6 +36,8 @@ class Channel(pyamqp.Channel):
     """kombu's pyamqp channel with an owner thread and per-message publisher confirms."""
 
     _mailbox: Mailbox
+    #: Longest wait for the server's Close-Ok in close(); 0 once a confirm timed out.
+    close_timeout: float = CLOSE_OK_TIMEOUT
 
     def __init__(self, connection: Any, channel_id: int | None = None, **kwargs: Any) -> None:
         # Set before the channel can receive anything: the reader posts to this mailbox.
@@ -186,7 +188,7 @@ class Channel(pyamqp.Channel):
             # Deliveries are not deferred while closing: they are dropped then.
             with connection.waiting_for_reply(self, defer=not self.is_closing):
                 return super().wait(method, callback=callback,
-                                    timeout=CLOSE_OK_TIMEOUT if closing else timeout,
+                                    timeout=self.close_timeout if closing else timeout,
                                     returns_tuple=returns_tuple)
         except TimeoutError:
             if closing:  # see close()
@@ -200,7 +202,7 @@ class Channel(pyamqp.Channel):
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
     # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
     # consumers from the main thread while their own thread is blocked in drain_events), and
-    # waits at most CLOSE_OK_TIMEOUT without a reply: then the channel is forgotten here
+    # waits at most close_timeout without a reply: then the channel is forgotten here
     # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
     # Close-Ok finds no channel).
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
@@ -304,8 +306,14 @@ class Channel(pyamqp.Channel):
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
             remaining = None if deadline is None else max(0.0, deadline - monotonic())
-            with connection.waiting_for_reply(self):
-                connection.drain_events(timeout=remaining)
+            try:
+                with connection.waiting_for_reply(self):
+                    connection.drain_events(timeout=remaining)
+            except TimeoutError:
+                # The server holds this confirm (a hung queue leader on another node, say):
+                # it may hold the Close-Ok as long, so closing this channel does not wait.
+                self.close_timeout = 0.0
+                raise
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, True)
