@@ -251,3 +251,22 @@ def test_a_wait_for_a_confirm_runs_no_consumer_callback(installed: None, amqp_ur
     finally:
         consuming.release()
         publishing.release()
+
+
+@pytest.mark.parametrize("broker", [f"shared+amqp://{REST}", f"amqp://{REST}"])
+def test_celery_pools_keep_the_transport_and_never_wait(installed: None, broker: str) -> None:
+    """Celery's app.pool and app.producer_pool (broker_pool_limit 10 by default): copies on
+    the thread-safe transport, and 15 held at once without a wait (upstream: the 11th waits
+    for a free slot, here it would time out)."""
+    from celery import Celery
+
+    app = Celery("clone-test", broker=broker)
+    connections = [app.pool.acquire(block=True, timeout=0.1) for _ in range(15)]
+    producers = [app.producer_pool.acquire(block=True, timeout=0.1) for _ in range(15)]
+    for conn in [*connections, *(p.__connection__ for p in producers)]:
+        assert issubclass(conn.get_transport_cls(), ts.Transport)
+        assert fields(conn)[1:] == ("127.0.0.1", 5673, "guest", "secret", VHOST, False)
+    for producer in producers:
+        producer.release()
+    for conn in connections:
+        conn.release()
