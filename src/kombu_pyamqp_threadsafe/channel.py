@@ -37,7 +37,8 @@ class Channel(pyamqp.Channel):
 
     _mailbox: Mailbox
 
-    def __init__(self, connection: Any, channel_id: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, connection: Any, channel_id: int | None = None, *args: Any,
+                 **kwargs: Any) -> None:
         # Set before the channel can receive anything: the reader posts to this mailbox.
         self._mailbox = Mailbox(self, connection._current_inbox())
         self._failure: Failure | None = None
@@ -49,7 +50,7 @@ class Channel(pyamqp.Channel):
         #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
         self.confirmed = self.nacked = 0
         try:
-            super().__init__(connection, channel_id, **kwargs)
+            super().__init__(connection, channel_id, *args, **kwargs)
         except BaseException:
             # Otherwise the thread's inbox would keep the mailbox, and with it the channel.
             self._mailbox.retire()
@@ -203,7 +204,7 @@ class Channel(pyamqp.Channel):
     # waits at most CLOSE_OK_TIMEOUT without a reply: then the channel is forgotten here
     # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
     # Close-Ok finds no channel).
-    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
+    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple[int, int] = (0, 0),
               argsig: str = "BsBB") -> Any:
         if self.is_open:
             self.adopt()
