@@ -41,8 +41,10 @@ $(STAMP): pyproject.toml
 rabbitmq:
 	@scripts/ensure-rabbitmq
 
+# ruff on every Python directory, then the type checks.
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
+	@$(MAKE) --no-print-directory typecheck
 
 # mypy and pyright on src/, settings in pyproject.toml; typings/ holds the stubs of py-amqp.
 # pyright runs on Node.js (the pyright package fetches its npm build on first use).

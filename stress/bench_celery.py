@@ -20,10 +20,10 @@ from typing import Any
 
 import psutil
 
+from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
     amqp_port,
-    base_url,
     count_amqp_sockets,
     dedicated_vhost,
     emit_result,
@@ -113,7 +113,7 @@ def main() -> int:
     counts = [int(n) for n in args.threads.split(",")]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {}
     with dedicated_vhost("celery") as vhost:
-        url = url_for_vhost(base_url(), vhost)
+        url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
         for repeat in range(args.repeats):
             for threads in counts:
                 for setup in SETUPS:

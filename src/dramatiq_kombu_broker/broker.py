@@ -238,7 +238,7 @@ class KombuBroker(Broker):
             return channel.queue_declare(queue=name, durable=True, auto_delete=False,
                                          arguments=arguments)
         except PreconditionFailed as exc:
-            raise self._mismatch(channel, name, arguments, exc.reply_text) from None
+            raise self._mismatch(channel, name, arguments, exc.reply_text or "") from None
 
     def _mismatch(self, channel: Any, name: str, arguments: dict[str, Any],
                   reply_text: str) -> QueueArgumentsMismatch:
@@ -271,7 +271,7 @@ class KombuBroker(Broker):
 
     # -- publishing ------------------------------------------------------------------------
 
-    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Publish ``message`` (to ``q.DQ`` with an eta when delayed) and return what was sent.
 
         With ``confirm_delivery`` it returns once the server has the message. Connection

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 class KombuMessage(MessageProxy):
     """A delivered message, tied to the channel that delivered it."""
 
-    def __init__(self, message: Message, delivery_tag: int, redelivered: bool, channel: Any):
+    def __init__(self, message: Message[Any], delivery_tag: int, redelivered: bool,
+                 channel: Any) -> None:
         super().__init__(message)
         self.redelivered = redelivered
         self._tag = delivery_tag
@@ -167,11 +168,15 @@ class KombuConsumer(Consumer):
                     self._kombu.as_uri())
         return True
 
-    def ack(self, message: KombuMessage) -> None:
-        self._settle(message._channel, message._tag, ack=True)
+    # Upstream (dramatiq's Consumer): takes any MessageProxy. Here only the messages this
+    # consumer delivered, which carry their channel and delivery tag.
+    def ack(self, message: MessageProxy) -> None:
+        delivered = _delivered(message)
+        self._settle(delivered._channel, delivered._tag, ack=True)
 
-    def nack(self, message: KombuMessage) -> None:
-        self._settle(message._channel, message._tag, ack=False)
+    def nack(self, message: MessageProxy) -> None:
+        delivered = _delivered(message)
+        self._settle(delivered._channel, delivered._tag, ack=False)
 
     def _settle(self, channel: Any, tag: int, ack: bool) -> None:
         if channel is not self.channel or self._closed or not self._live:
@@ -212,8 +217,8 @@ class KombuConsumer(Consumer):
                 channel.close()
 
 
-_FIELD_TYPES = {"queue_name": str, "actor_name": str, "args": (list, tuple), "kwargs": dict,
-                "options": dict}
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "queue_name": str, "actor_name": str, "args": (list, tuple), "kwargs": dict, "options": dict}
 
 
 def _describe(exc: BaseException) -> str:
@@ -238,7 +243,13 @@ def _forget_delayed_messages() -> None:
         thread.delay_queue = PriorityQueue()  # type: ignore[attr-defined]
 
 
-def _check_fields(message: Message) -> None:
+def _delivered(message: MessageProxy) -> KombuMessage:
+    if not isinstance(message, KombuMessage):
+        raise TypeError(f"{message!r} was not delivered by a KombuConsumer: it cannot be settled")
+    return message
+
+
+def _check_fields(message: Message[Any]) -> None:
     """Raise DecodeError for a message dramatiq would choke on (it decodes any JSON object).
 
     A ``kwargs`` that is not a dict, for one, kills the worker thread in dramatiq's own error

@@ -39,7 +39,8 @@ class Channel(pyamqp.Channel):
     #: Longest wait for the server's Close-Ok in close(); 0 once a confirm timed out.
     close_timeout: float = CLOSE_OK_TIMEOUT
 
-    def __init__(self, connection: Any, channel_id: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, connection: Any, channel_id: int | None = None, *args: Any,
+                 **kwargs: Any) -> None:
         # Set before the channel can receive anything: the reader posts to this mailbox.
         self._mailbox = Mailbox(self, connection._current_inbox())
         self._failure: Failure | None = None
@@ -51,7 +52,7 @@ class Channel(pyamqp.Channel):
         #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
         self.confirmed = self.nacked = 0
         try:
-            super().__init__(connection, channel_id, **kwargs)
+            super().__init__(connection, channel_id, *args, **kwargs)
         except BaseException:
             # Otherwise the thread's inbox would keep the mailbox, and with it the channel.
             self._mailbox.retire()
@@ -205,7 +206,7 @@ class Channel(pyamqp.Channel):
     # waits at most close_timeout without a reply: then the channel is forgotten here
     # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
     # Close-Ok finds no channel).
-    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
+    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple[int, int] = (0, 0),
               argsig: str = "BsBB") -> Any:
         if self.is_open:
             self.adopt()

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from time import monotonic
-from typing import Any
+from typing import Any, NoReturn
 
 from amqp import spec
 from amqp import transport as amqp_transport
@@ -56,6 +56,7 @@ class _SharedSocketMixin:
     """
 
     shared = False
+    sock: socket.socket | None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -345,9 +346,10 @@ class Connection(pyamqp.Connection):
 
     # Upstream: answers Close-Ok, collects the connection and raises in the reading thread.
     # Here the reader answers and raises; its failure handler wakes and fails every thread.
-    def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
+    def _on_close(self, reply_code: int, reply_text: str, class_id: int,
+                  method_id: int) -> NoReturn:
         if self._reader is None:
-            return super()._on_close(reply_code, reply_text, class_id, method_id)
+            super()._on_close(reply_code, reply_text, class_id, method_id)
         with suppress(OSError, AMQPError):
             self.send_method(spec.Connection.CloseOk)
         raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
@@ -451,7 +453,7 @@ class Connection(pyamqp.Connection):
 
     # Upstream: sends Close and reads until Close-Ok. Here the reader receives the Close-Ok;
     # this thread waits for it (bounded), then tears the connection down.
-    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple = (0, 0),
+    def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple[int, int] = (0, 0),
               argsig: str = "BsBB") -> None:
         if self._reader is None:
             if self._failure is None:

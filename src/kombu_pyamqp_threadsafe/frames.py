@@ -23,7 +23,7 @@ from collections.abc import Callable
 from itertools import repeat, starmap, tee
 from struct import Struct
 from time import monotonic
-from typing import Any
+from typing import Any, Protocol, cast
 
 from amqp import spec
 from amqp.exceptions import UnexpectedFrame
@@ -44,6 +44,18 @@ _CHANNEL_LIFECYCLE = frozenset({spec.Channel.Open, spec.Channel.Close, spec.Chan
 logger = logging.getLogger(__name__)
 
 
+class _OwnedLock(Protocol):
+    """CPython's RLock, whose ``_is_owned()`` typeshed leaves out."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+    def release(self) -> None: ...
+    def _is_owned(self) -> bool: ...
+
+
+def _owned_lock() -> _OwnedLock:
+    return cast("_OwnedLock", threading.RLock())
+
+
 def encode_method(
     frame_type: int,
     channel: int,
@@ -57,10 +69,13 @@ def encode_method(
         # A new object each time: the writer tells whether a batch left its queue by the
         # identity of the first message queued.
         return _HEADER.pack(8, 0, 0) + FRAME_END
+    if method_sig is None:
+        raise ValueError(f"a frame of type {frame_type} needs a method_sig")
     if isinstance(args, str):
         args = args.encode("utf-8")
     payload = _METHOD_SIG.pack(*method_sig) + (args or b"")
-    parts = [_HEADER.pack(frame_type, channel, len(payload)), payload, FRAME_END]
+    parts: list[bytes | memoryview] = [_HEADER.pack(frame_type, channel, len(payload)), payload,
+                                       FRAME_END]
     if content is not None:
         body = content.body
         if isinstance(body, str):
@@ -108,7 +123,7 @@ class FrameWriter:
         # Guards the socket's outbound byte stream: its holder writes every queued message,
         # each whole. Held across a blocking write, never across a read. An RLock because it
         # knows its owner, which lets a write release it exactly when it holds it.
-        self.lock = threading.RLock()
+        self.lock = _owned_lock()
         # Encoded messages waiting for the lock's holder to write them (appended by any
         # thread, taken only under the lock; deque appends and pops are atomic).
         self._queued: deque[bytes] = deque()
@@ -207,7 +222,7 @@ class FrameWriter:
 
     def reset_after_fork(self) -> None:
         """In a forked child: a new lock, and nothing of the parent's left to write."""
-        self.lock = threading.RLock()
+        self.lock = _owned_lock()
         self._order_lock = threading.Lock()
         self._queued = deque()
         self._closing = set()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
-import kombu
+import kombu.connection
 
 from . import forksafe, kombu_hooks
 from .channel import Channel
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHANNEL_POOL_LIMIT = 1000
 
 
-class KombuConnection(kombu.Connection):
+class KombuConnection(kombu.connection.Connection):
     """Drop-in :class:`kombu.Connection` whose one AMQP connection is shared by all threads.
 
     - ``pyamqp://``, ``amqp://`` and ``amqps://`` URLs use the thread-safe transport.
@@ -49,9 +49,10 @@ class KombuConnection(kombu.Connection):
         forksafe.register(self)
 
     @classmethod
-    def from_kombu_connection(cls, connection: kombu.Connection, **kwargs: Any) -> KombuConnection:
+    def from_kombu_connection(cls, connection: kombu.connection.Connection,
+                              **kwargs: Any) -> KombuConnection:
         """A KombuConnection with the same parameters as an existing kombu.Connection."""
-        info = connection.info()
+        info: dict[str, Any] = connection.info()
         info.pop("transport", None)
         info.update(kwargs)
         return cls(**info)
@@ -70,7 +71,7 @@ class KombuConnection(kombu.Connection):
     # next call, and a lost connection is opened again on the node it was lost on. Here a
     # failed call and a lost connection both move on: every connect and reconnect goes node
     # after node. Runs in the single flight, so no other thread connects meanwhile.
-    def _connect_in_turn(self, args: tuple, kwargs: dict) -> Any:
+    def _connect_in_turn(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._connection is not None and not self.connected:
             self.maybe_switch_next()
         try:
@@ -100,7 +101,7 @@ class KombuConnection(kombu.Connection):
     # Upstream: reports the transport as given; ours is a class, which would print as
     # "<class ...>://" in as_uri(). Here it is reported by its URL scheme, which clone() and
     # __init__ map back to the thread-safe transport.
-    def _info(self, resolve: bool = True) -> tuple:
+    def _info(self, resolve: bool = True) -> Any:  # upstream: unannotated, a fixed-size tuple
         transport_cls = self.transport_cls
         if not (isinstance(transport_cls, type) and issubclass(transport_cls, Transport)):
             return super()._info(resolve)
@@ -108,8 +109,15 @@ class KombuConnection(kombu.Connection):
         return tuple((key, scheme if key == "transport" else value)
                      for key, value in super()._info(resolve))
 
+    # Upstream: the same, unannotated (kombu's inferred type is a logging wrapper's). Here typed:
+    # the thread-safe transport makes this package's Channel.
+    def channel(self) -> Channel:
+        return cast(Channel, super().channel())
+
+    # kombu annotates default_channel as its virtual transports' Channel, which no pyamqp
+    # channel (upstream's either) is: the one override of a wrong upstream annotation.
     @property
-    def default_channel(self) -> Channel:
+    def default_channel(self) -> Channel:  # type: ignore[override]  # pyright: ignore[reportIncompatibleMethodOverride]
         """The calling thread's own channel on the shared connection (upstream: one channel
         for every thread). Channels of ended threads are closed as new ones open."""
         connection = self._ensure_connection(**self._extract_failover_opts())
@@ -143,7 +151,8 @@ _SHARED = "shared+"
 _AMQP_ALIASES = (None, "amqp", "pyamqp", "amqps")
 
 
-def _with_thread_safe_transport(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _with_thread_safe_transport(args: tuple[Any, ...], kwargs: dict[str, Any],
+                                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Point an AMQP URL or alias (also in its ``shared+`` form) at the thread-safe transport.
 
     Other transports (``memory://``, ``redis://``...) are left as they are.
@@ -151,7 +160,8 @@ def _with_thread_safe_transport(args: tuple, kwargs: dict) -> tuple[tuple, dict]
     url = args[0] if args else kwargs.get("hostname")
     first = url[0] if isinstance(url, (list, tuple)) and url else url
     if isinstance(first, str) and first.startswith(_SHARED):
-        url = [u.removeprefix(_SHARED) for u in url] if first is not url else first[len(_SHARED):]
+        url = ([u.removeprefix(_SHARED) for u in url] if isinstance(url, (list, tuple))
+               else first[len(_SHARED):])
         first = url[0] if isinstance(url, list) else url
         if args:
             args = (url, *args[1:])

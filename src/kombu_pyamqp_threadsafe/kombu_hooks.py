@@ -9,14 +9,14 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import kombu
+import kombu.connection
 from kombu import pools
 from kombu.connection import ConnectionPool, PooledConnection
 
 from .thread_channel import ThreadChannel
 from .transport import uses_shared_transport
 
-_upstream_default_channel = kombu.Connection.default_channel
+_upstream_default_channel = kombu.connection.Connection.default_channel
 _upstream_connections_create = pools.Connections.create
 _upstream_producers_create = pools.Producers.create
 #: Guards the one-time patching.
@@ -28,10 +28,11 @@ _installed = False
 # Celery's producer pool hands a connection and its channel from thread to thread, and a
 # channel's replies (publisher confirms) go to the thread that owns it. Here a stand-in that
 # works on the calling thread's own channel (thread_channel.py).
-def _default_channel(self: kombu.Connection) -> Any:
+def _default_channel(self: kombu.connection.Connection) -> Any:
     if not uses_shared_transport(self):
         return _upstream_default_channel.fget(self)  # type: ignore[attr-defined]
-    self._ensure_connection(**self._extract_failover_opts())
+    failover: dict[str, Any] = self._extract_failover_opts()
+    self._ensure_connection(**failover)
     channel = self.__dict__.get("_thread_channel")
     if channel is None:
         channel = self.__dict__["_thread_channel"] = ThreadChannel(self)
@@ -46,7 +47,7 @@ class HandlePool(ConnectionPool):
     an idle handle is reused, else a new one made; ``acquire()`` never waits.
     """
 
-    def __init__(self, connection: kombu.Connection, limit: int | None = None,
+    def __init__(self, connection: kombu.connection.Connection, limit: int | None = None,
                  **kwargs: Any) -> None:
         # Released handles, reused last-in first-out (list append/pop are atomic).
         self._idle: list[Any] = []
@@ -98,6 +99,7 @@ class HandleProducerPool(pools.ProducerPool):
     def acquire(self, block: bool = False, timeout: float | None = None) -> Any:
         if self._closed:
             raise RuntimeError("Acquire on closed pool")
+        producer: Any
         try:
             producer = self.prepare(self._idle.pop())
         except IndexError:
@@ -120,14 +122,14 @@ class HandleProducerPool(pools.ProducerPool):
         """Nothing to resize: the pool has no limit."""
 
 
-def _create_connections(self: pools.Connections, connection: kombu.Connection,
+def _create_connections(self: pools.Connections, connection: kombu.connection.Connection,
                         limit: int | None) -> Any:
     if uses_shared_transport(connection):
         return HandlePool(connection)
     return _upstream_connections_create(self, connection, limit)
 
 
-def _create_producers(self: pools.Producers, connection: kombu.Connection,
+def _create_producers(self: pools.Producers, connection: kombu.connection.Connection,
                       limit: int | None) -> Any:
     if uses_shared_transport(connection):
         return HandleProducerPool(pools.connections[connection])
@@ -140,7 +142,7 @@ def install() -> None:
     with _install_lock:
         if _installed:
             return
-        kombu.Connection.default_channel = property(  # type: ignore[assignment,method-assign]
+        kombu.connection.Connection.default_channel = property(  # type: ignore[assignment,method-assign]
             _default_channel, doc=_upstream_default_channel.__doc__)
         pools.Connections.create = _create_connections  # type: ignore[method-assign]
         pools.Producers.create = _create_producers  # type: ignore[method-assign]

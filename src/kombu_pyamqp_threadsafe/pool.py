@@ -160,7 +160,7 @@ class ChannelPool:
             if lease not in self._leases:  # given back already (release() was interrupted)
                 return
             self._leases.discard(lease)
-            if keep:
+            if keep and channel is not None:
                 self._idle[channel] = None
             self._returned.notify()
         if keep:

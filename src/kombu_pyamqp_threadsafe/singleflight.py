@@ -51,7 +51,7 @@ class SingleFlight:
                 # A flight that is done but still recorded lost its leader to an interrupt
                 # between the two steps of its finally: it is over.
                 leader = flight is None or flight.done.is_set()
-                if leader:
+                if flight is None or leader:
                     flight = self._flight = _Flight()
             if leader:
                 try:

@@ -30,7 +30,7 @@ class Transport(pyamqp.Transport):
     """
 
     _shared: SharedConnection | None = None
-    _key: tuple | None = None
+    _key: tuple[Any, ...] | None = None
 
     # Upstream: the connection class establish_connection() instantiates, with the client's
     # heartbeat; 0 (kombu's default, and what Celery's synchronous worker loop asks for, since
@@ -50,6 +50,9 @@ class Transport(pyamqp.Transport):
     # Upstream: opens a socket for every kombu.Connection. Here the connection of the same
     # parameters already open in this process is shared (opened by the first handle).
     def establish_connection(self) -> Any:
+        if self.client is None:
+            raise TypeError("establish_connection() needs the kombu.Connection this transport "
+                            "was made for (Transport(client))")
         # Computed once: the connect below changes the client's fields for its duration, and
         # other threads of this client may ask for the connection meanwhile.
         key = self._key
@@ -84,7 +87,7 @@ class Transport(pyamqp.Transport):
             raise RuntimeError("default_channel before this transport opened a connection")
         return registry.thread_channel(entry, connection)
 
-    def connection_key(self) -> tuple:
+    def connection_key(self) -> tuple[Any, ...]:
         """What makes two kombu.Connections share a socket: every parameter of the socket.
 
         The heartbeat counts as given (0 and None differ): a Celery worker asks for 0 on its
@@ -176,7 +179,7 @@ class SchemeTransport(Transport):
         client: Any = self.client
         scheme = "shared+amqps" if client.ssl else "shared+amqp"
         defaults = self.default_connection_params
-        password = client.password or defaults["password"]
+        password: Any = client.password or defaults["password"]
         if not include_password:
             password = mask
         elif callable(password):
