@@ -36,8 +36,8 @@ class Channel(pyamqp.Channel):
     """kombu's pyamqp channel with an owner thread and per-message publisher confirms."""
 
     _mailbox: Mailbox
-    #: Longest wait for the server's Close-Ok in close(); 0 once a confirm timed out.
-    close_timeout: float = CLOSE_OK_TIMEOUT
+    #: A confirm on this channel timed out: close() then does not wait for the Close-Ok.
+    _confirm_timed_out = False
 
     def __init__(self, connection: Any, channel_id: int | None = None, *args: Any,
                  **kwargs: Any) -> None:
@@ -189,7 +189,7 @@ class Channel(pyamqp.Channel):
             # Deliveries are not deferred while closing: they are dropped then.
             with connection.waiting_for_reply(self, defer=not self.is_closing):
                 return super().wait(method, callback=callback,
-                                    timeout=self.close_timeout if closing else timeout,
+                                    timeout=self._close_ok_timeout() if closing else timeout,
                                     returns_tuple=returns_tuple)
         except TimeoutError:
             if closing:  # see close()
@@ -200,10 +200,15 @@ class Channel(pyamqp.Channel):
                 self._check_still_owned(connection._thread_inbox())
             raise
 
+    def _close_ok_timeout(self) -> float:
+        """CLOSE_OK_TIMEOUT, or 0 once a confirm timed out: the server that holds the confirm
+        (a hung queue leader) may hold the Close-Ok as long."""
+        return 0.0 if self._confirm_timed_out else CLOSE_OK_TIMEOUT
+
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
     # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
     # consumers from the main thread while their own thread is blocked in drain_events), and
-    # waits at most close_timeout without a reply: then the channel is forgotten here
+    # waits at most _close_ok_timeout() without a reply: then the channel is forgotten here
     # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
     # Close-Ok finds no channel).
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple[int, int] = (0, 0),
@@ -313,7 +318,7 @@ class Channel(pyamqp.Channel):
             except TimeoutError:
                 # The server holds this confirm (a hung queue leader on another node, say):
                 # it may hold the Close-Ok as long, so closing this channel does not wait.
-                self.close_timeout = 0.0
+                self._confirm_timed_out = True
                 raise
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
