@@ -209,6 +209,9 @@ def test_tcp_user_timeout_follows_the_heartbeat(connect):
         return conn.connection.transport.sock.getsockopt(socket.IPPROTO_TCP, option)
 
     assert user_timeout(connect(heartbeat=5)) == 10_000
+    # Heartbeats off: not upstream's 1 s, which fails a connection whose peer stops reading
+    # for a second (a slow TLS endpoint, a server in a memory alarm).
+    assert user_timeout(connect(heartbeat=0)) == 0
     assert user_timeout(connect(heartbeat=5, transport_options={
         "socket_settings": {option: 3000}})) == 3000
 

@@ -195,15 +195,16 @@ class Connection(pyamqp.Connection):
     # Upstream: TCP_USER_TIMEOUT is 1 s whatever the heartbeat, so a server that stops reading
     # for a second (a memory alarm: it blocks publishers by not reading) kills the connection.
     # Here, with heartbeats on, it is two heartbeat intervals, the horizon of the reader's
-    # missed-heartbeat check, so a send stuck on a dead peer fails in about the same time.
-    # A TCP_USER_TIMEOUT given in socket_settings is kept.
+    # missed-heartbeat check, so a send stuck on a dead peer fails in about the same time; with
+    # heartbeats off, the system's own retransmission limit (0), as nothing else bounds it then
+    # either. A TCP_USER_TIMEOUT given in socket_settings is kept.
     def _set_user_timeout(self, sock: Any, transport: Any) -> None:
         option = getattr(socket, "TCP_USER_TIMEOUT", None)
         settings = getattr(transport, "socket_settings", None) or {}
-        if option is None or not self.heartbeat or option in settings:
+        if option is None or option in settings:
             return
         with suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, option, int(2000 * float(self.heartbeat)))
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(2000 * float(self.heartbeat or 0)))
 
     # -- routing and waiting ---------------------------------------------------------------
 
