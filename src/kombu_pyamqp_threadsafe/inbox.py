@@ -20,6 +20,7 @@ from time import monotonic
 from typing import Any
 
 from . import forksafe
+from .greenlets import threads_are_greenlets
 
 #: A method as the reader hands it over: (method_sig, payload, content).
 Method = tuple[Any, Any, Any]
@@ -64,6 +65,32 @@ class Wakeup:
         os.read(self._read_fd, 8)
 
 
+class GreenletWakeup:
+    """Wakes one greenlet under gevent's monkey-patching, where threads are greenlets in one
+    OS thread: a read of an eventfd would block that thread and every greenlet with it, the
+    reader's included. A gevent Event instead, which set() from any greenlet (or thread)
+    schedules in the hub. It holds no descriptor, so there is one per inbox, not per thread.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        from gevent.event import Event  # only in a process that gevent has patched
+
+        self._event = Event()
+
+    def set(self) -> None:
+        """Any greenlet: wake the sleeper (or make its next wait return at once)."""
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> None:
+        """The owning greenlet: sleep until set() or ``timeout`` seconds, then reset (a set()
+        after the reset makes the next wait return at once; the caller looks at its
+        doorbells in between)."""
+        if self._event.wait(timeout):
+            self._event.clear()
+
+
 def _close_pair(read_fd: int, write_fd: int) -> None:
     os.close(read_fd)
     os.close(write_fd)
@@ -92,7 +119,11 @@ _wakeups = _ThreadWakeups()
 forksafe.register(_wakeups)
 
 
-def thread_wakeup() -> Wakeup:
+def thread_wakeup() -> Wakeup | GreenletWakeup:
+    """The wake-up of a new inbox: its thread's eventfd, or under gevent a new GreenletWakeup
+    (decided when the inbox is made, so a module imported before the patch still follows it)."""
+    if threads_are_greenlets():
+        return GreenletWakeup()
     return _wakeups.get()
 
 

@@ -17,9 +17,20 @@ from typing import Any
 from amqp.exceptions import ConnectionForced
 
 from .frames import FrameBuffer, FrameWriter
+from .greenlets import threads_are_greenlets
 
 #: How often the reader wakes without traffic when heartbeats are off (to notice a stop).
 IDLE_TICK = 1.0
+
+
+def _poller() -> Any:
+    """A poll object; under gevent its wait yields to the other greenlets (gevent's own poll,
+    whether or not ``select`` was patched), where select.poll() would stop them all."""
+    if threads_are_greenlets():
+        from gevent.select import poll  # only in a process that gevent has patched
+
+        return poll()
+    return select.poll()
 
 
 class Reader:
@@ -67,7 +78,7 @@ class Reader:
         frames = self._frames
         frames.parse(on_frame)
         ring()
-        poller = select.poll()
+        poller = _poller()
         poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
         ssl_pending = getattr(sock, "pending", None)
         next_tick = monotonic() + self._tick

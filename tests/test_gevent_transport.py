@@ -1,0 +1,47 @@
+"""The transport under gevent's ``monkey.patch_all()`` (issue 15, the transport half).
+
+Each test runs a scenario of ``gevent_child.py`` in a child process (the patch is for the whole
+process, and must come before anything else is imported), against the real RabbitMQ (session
+vhost). A wait that blocks the OS thread where gevent cannot see it stops every greenlet, the
+timers included, so the child is bounded from here too: a hang fails the test with what the
+child printed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHILD = Path(__file__).with_name("gevent_child.py")
+#: Bound of one child process (s); the scenarios take a few seconds.
+CHILD_TIMEOUT = 90
+
+
+def run_child(scenario: str, amqp_url: str, connection_name: str) -> dict[str, Any]:
+    try:
+        proc = subprocess.run([sys.executable, str(CHILD), scenario, amqp_url, connection_name],
+                              capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the {scenario} scenario hung under gevent for {CHILD_TIMEOUT} s\n"
+                    f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}")
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_many_greenlets_share_one_connection(amqp_url, connection_name):
+    """200 greenlets publish with confirms on one connection while one consumes: everything
+    arrives once, over one socket; a passive declare of a missing queue fails in its own
+    greenlet only; heartbeats keep the connection up through 2.5 idle intervals while a
+    greenlet waits in drain_events() with no timeout."""
+    result = run_child("transport", amqp_url, connection_name)
+    assert result["received"] == result["published"] == result["distinct"], result
+    assert result["passive_declare"] == "NotFound", result
+    assert result["sockets"] == 1 and result["registry_connections"] == 1, result
+    assert result["heartbeat"] == 1, result
+    assert result["alive_after_idle"] and result["sockets_after_idle"] == 1, result

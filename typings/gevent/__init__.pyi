@@ -1,0 +1,2 @@
+# Typed stubs of the part of gevent that this project uses (gevent ships no types), only under
+# monkey-patching (kombu_pyamqp_threadsafe.greenlets). Shared by mypy and pyright.
