@@ -255,7 +255,8 @@ def test_a_time_limit_inside_a_publish_leaves_the_connection_to_the_other_greenl
         done = results.wait(lambda r: {v[0] for v in r.of_kind("done")} >= set(range(600)),
                             timeout=120)
         assert done, (len(results.of_kind("done")), workers.log_tail())
-        assert len(results.of_kind("flood")) >= 20
+        # (A flood's own "flood" record can be what its limit interrupts, so not counted.)
+        assert results.of_kind("flood"), workers.log_tail()
         assert connection_ports(name, vhost) == at_boot
         stop_cleanly(workers)
     log = workers.log_tail(1_000_000)
