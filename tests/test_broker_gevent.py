@@ -18,17 +18,10 @@ import pytest
 from broker_helpers import connections_named, unique, wait_until
 from cli_helpers import ROOT, Results, cli_environment, connection_ports
 from stress import rabbit_admin
+from stress.cli_send_next import CliSendNext
 from stress.cli_workers import CliWorkers
-from stress.common import ProcessSampler, ServerConnectionPoller, amqp_port, split
+from stress.common import ProcessSampler, ServerConnectionPoller, amqp_port
 from stress.polling import poll
-from stress.run import ResultsConsumer
-from stress.workload import (
-    Tracker,
-    actors_environment,
-    define_hop_actor,
-    make_broker,
-    seed_chains,
-)
 
 #: Bounded waits below add up to more than pytest's default 120 s when a worker hangs.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -104,67 +97,34 @@ def test_example_app_processes_every_message(env, amqp_url, vhost, tmp_path):
     assert "Traceback" not in workers.log_tail(100_000), workers.log_tail()
 
 
-class SendNext:
-    """The send-the-next workload (stress.actors) under dramatiq-gevent: ``chains`` chains
-    seeded from this process, every processing reported to a results queue."""
+def send_next(amqp_url: str, *, chains: int, messages: int) -> CliSendNext:
+    """The send-the-next workload on KombuBroker, its chains seeded."""
+    run = CliSendNext("kombu", amqp_url, chains=chains, messages=messages)
+    assert run.seed() == []
+    return run
 
-    def __init__(self, amqp_url: str, vhost: str, *, chains: int, messages: int) -> None:
-        self.url = amqp_url
-        self.vhost = vhost
-        self.queue = unique("gn")
-        self.results_queue = f"{self.queue}-results"
-        self.name = unique("gevent-next")
-        #: The worker process's connections: ``<workers>-consumer``, ``<workers>-producer``.
-        self.workers = f"{self.name}-w"
-        self.chains = chains
-        self.messages = messages
-        self.tracker = Tracker()
 
-    def environment(self) -> dict[str, str]:
-        return {**cli_environment(self.url),
-                **actors_environment("kombu", self.url, self.workers, self.queue,
-                                     self.results_queue)}
-
-    def seed(self) -> None:
-        seeder = make_broker("kombu", self.url, f"{self.name}-seed")
-        try:
-            actor = define_hop_actor(seeder, self.queue, lambda *a: None, lambda: None)
-            seeder.declare_queue(self.results_queue, ensure=True)
-            errors = seed_chains(actor, self.tracker, self.chains,
-                                 split(self.messages, self.chains))
-            assert errors == []
-        finally:
-            seeder.close()
-
-    def consume_results(self) -> ResultsConsumer:
-        return ResultsConsumer(self.url, self.results_queue, self.tracker,
-                               f"{self.name}-results").start()
-
-    def wait_processed(self, timeout: float) -> int:
-        return poll(lambda: self.tracker.n_processed, lambda n: n >= self.messages, timeout,
-                    0.2)
-
-    def check_nothing_lost(self) -> dict:
-        comparison = self.tracker.comparison()
-        assert comparison["lost"] == 0, comparison
-        assert comparison["unexpected"] == 0, comparison
-        assert comparison["send_failures"] == 0, comparison
-        assert comparison["processed"] == self.messages, comparison
-        return comparison
+def check_nothing_lost(run: CliSendNext) -> dict:
+    comparison = run.tracker.comparison()
+    assert comparison["lost"] == 0, comparison
+    assert comparison["unexpected"] == 0, comparison
+    assert comparison["send_failures"] == 0, comparison
+    assert comparison["processed"] == run.messages, comparison
+    return comparison
 
 
 def test_a_thousand_greenlets_send_the_next_on_two_connections(amqp_url, vhost, tmp_path):
     """1,000 greenlets, each processing a hop and publishing the next (and its report): the
     worker process never holds more than its two connections, and no message is lost."""
-    run = SendNext(amqp_url, vhost, chains=1000, messages=5000)
-    run.seed()
+    run = send_next(amqp_url, chains=1000, messages=5000)
     consumer = run.consume_results()
-    with cli("stress.actors", run.environment(), tmp_path / "dramatiq-gevent.log",
-             threads=1000, queue=run.queue) as workers:
+    environ = cli_environment(amqp_url, **run.environment())
+    with cli("stress.actors", environ, tmp_path / "dramatiq-gevent.log", threads=1000,
+             queue=run.queue) as workers:
         poller = ServerConnectionPoller(vhost, run.workers, interval=1.0).start()
         sampler = ProcessSampler(amqp_port(amqp_url), pid=workers.pid, children=True).start()
         try:
-            processed = run.wait_processed(timeout=240)
+            processed = run.wait_processed()
             assert processed >= run.messages, (processed, workers.log_tail())
             poller.stop(final_poll=True)
             assert poller.names == dict.fromkeys(roles(run.workers), 1), poller.names
@@ -173,7 +133,7 @@ def test_a_thousand_greenlets_send_the_next_on_two_connections(amqp_url, vhost, 
             sampler.stop()
         stop_cleanly(workers)
     consumer.drain(idle=1.0)
-    comparison = run.check_nothing_lost()
+    comparison = check_nothing_lost(run)
     assert comparison["duplicated"] == 0, comparison
     # Every sample of the run, on the server (by name) and in the worker processes' sockets.
     assert poller.peak == 2, (poller.peak, poller.peak_names)
@@ -184,10 +144,10 @@ def test_connections_closed_by_the_server_under_load_lose_nothing(amqp_url, vhos
     """``rabbitmqctl close_all_connections`` on the vhost while 500 greenlets work: the worker
     reconnects (two connections again) and every message is processed; redeliveries of what
     was unacked on the closed channels may duplicate, nothing is lost."""
-    run = SendNext(amqp_url, vhost, chains=500, messages=8000)
-    run.seed()
-    with cli("stress.actors", run.environment(), tmp_path / "dramatiq-gevent.log",
-             threads=500, queue=run.queue) as workers:
+    run = send_next(amqp_url, chains=500, messages=8000)
+    environ = cli_environment(amqp_url, **run.environment())
+    with cli("stress.actors", environ, tmp_path / "dramatiq-gevent.log", threads=500,
+             queue=run.queue) as workers:
         # Under load: a quarter of the reports are in, in the queue nobody consumes yet.
         reports = poll(lambda: rabbit_admin.list_queues(vhost).get(run.results_queue, (0,))[0],
                        lambda n: n >= run.messages // 4, timeout=240, interval=0.5)
@@ -196,7 +156,7 @@ def test_connections_closed_by_the_server_under_load_lose_nothing(amqp_url, vhos
                                                     vhost=vhost)
         assert closed >= 2, closed
         consumer = run.consume_results()
-        processed = run.wait_processed(timeout=240)
+        processed = run.wait_processed()
         assert processed >= run.messages, (processed, run.tracker.comparison(),
                                            workers.log_tail())
         names = wait_until(lambda: (lambda seen: seen if set(seen) == set(roles(run.workers))
@@ -205,7 +165,7 @@ def test_connections_closed_by_the_server_under_load_lose_nothing(amqp_url, vhos
         assert names, connection_ports(run.workers, vhost)
         stop_cleanly(workers)
     consumer.drain(idle=1.0)
-    run.check_nothing_lost()
+    check_nothing_lost(run)
 
 
 def test_a_time_limit_inside_a_publish_leaves_the_connection_to_the_other_greenlets(
