@@ -32,6 +32,9 @@ from kombu_pyamqp_threadsafe.registry import registry  # noqa: E402
 #: Greenlets that publish, and messages each.
 PUBLISHERS = 200
 PER_PUBLISHER = 5
+#: Greenlets the short_lived scenario runs, and how many at a time.
+SHORT_LIVED = 300
+SHORT_LIVED_AT_ONCE = 10
 #: Messages the broker scenario sends to its first actor.
 BROKER_MESSAGES = 500
 #: Heartbeat interval of the transport scenario's connection (s); it then idles past 2x this.
@@ -198,8 +201,34 @@ def broker(url: str, name: str) -> dict[str, Any]:
     }
 
 
+def short_lived(url: str, name: str) -> dict[str, Any]:
+    """Greenlets (gevent.spawn, as a pool or a WSGI server makes them) that each use their
+    default channel once and end, 10 at a time, 300 in all."""
+    conn = ts.KombuConnection(url, transport_options={
+        "client_properties": {"connection_name": name}})
+    queue = f"gevent-{uuid.uuid4().hex[:8]}"
+    conn.ensure_connection(max_retries=3)
+    conn.default_channel.queue_declare(queue, auto_delete=False)
+    try:
+        def use() -> None:
+            conn.default_channel.queue_declare(queue, passive=True)
+
+        for _ in range(SHORT_LIVED // SHORT_LIVED_AT_ONCE):
+            joined([gevent.spawn(use) for _ in range(SHORT_LIVED_AT_ONCE)], "greenlets")
+        channels = conn.connection.channels
+        return {
+            "greenlets": SHORT_LIVED,
+            "at_once": SHORT_LIVED_AT_ONCE,
+            "open_channels": sum(1 for channel_id, channel in channels.items()
+                                 if channel_id and channel.is_open),
+        }
+    finally:
+        conn.default_channel.queue_delete(queue)
+        conn.close()
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
-    "transport": transport, "broker": broker}
+    "transport": transport, "broker": broker, "short_lived": short_lived}
 
 
 def main() -> None:

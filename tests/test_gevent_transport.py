@@ -75,3 +75,12 @@ def test_kombu_broker_worker_with_200_greenlets(amqp_url, connection_name):
     assert result["worker_stopped"], result
     assert all(counts == [0, 0, 0] for counts in result["left"].values()), result
     assert result["sockets_after_close"] == 0, result
+
+
+def test_default_channels_of_ended_greenlets_are_closed(amqp_url, connection_name):
+    """300 greenlets from gevent.spawn, 10 at a time, each use their default channel and end:
+    as for threads, a new default channel closes those of the greenlets that ended, so the
+    connection holds one wave's worth. Before the fix all 300 stayed open (a spawned
+    greenlet's dummy Thread says is_alive() forever), on the way to channel_max."""
+    result = run_child("short_lived", amqp_url, connection_name)
+    assert result["open_channels"] <= result["at_once"] + 1, result
