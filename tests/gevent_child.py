@@ -2,13 +2,21 @@
 
 ``python tests/gevent_child.py SCENARIO AMQP_URL CONNECTION_NAME [CA_FILE]`` patches the
 process with ``monkey.patch_all()`` before anything else is imported, as ``dramatiq-gevent``
-does, runs the scenario in greenlets and prints one JSON line of what it saw (the parent
-asserts on it). Every wait inside is bounded, so a scenario that something blocks ends with an
-error, not a hang; the parent bounds the whole child as well (a wait that blocks the OS thread
-would stop the timers).
+does (with ``GEVENT_CHILD_IMPORT_FIRST=1`` the transport is imported before the patch), runs
+the scenario in greenlets and prints one JSON line of what it saw (the parent asserts on it).
+Every wait inside is bounded, so a scenario that something blocks ends with an error, not a
+hang; the parent bounds the whole child as well (a wait that blocks the OS thread would stop
+the timers).
 """
 
-from gevent import monkey
+import os
+
+if os.environ.get("GEVENT_CHILD_IMPORT_FIRST"):
+    # The transport imported before the patch: its module-level locks and thread-locals are
+    # the real ones, and it must still pick the cooperative waits.
+    import kombu_pyamqp_threadsafe  # noqa: F401
+
+from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
 

@@ -10,6 +10,7 @@ child printed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +26,12 @@ CHILD = Path(__file__).with_name("gevent_child.py")
 CHILD_TIMEOUT = 90
 
 
-def run_child(scenario: str, *args: str) -> dict[str, Any]:
+def run_child(scenario: str, *args: str, import_first: bool = False) -> dict[str, Any]:
+    env = dict(os.environ)
+    if import_first:
+        env["GEVENT_CHILD_IMPORT_FIRST"] = "1"
     try:
-        proc = subprocess.run([sys.executable, str(CHILD), scenario, *args],
+        proc = subprocess.run([sys.executable, str(CHILD), scenario, *args], env=env,
                               capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the {scenario} scenario hung under gevent for {CHILD_TIMEOUT} s\n"
@@ -46,12 +50,15 @@ def assert_one_connection_served_all(result: dict[str, Any]) -> None:
     assert result["alive_after_idle"] and result["sockets_after_idle"] == 1, result
 
 
-def test_many_greenlets_share_one_connection(amqp_url, connection_name):
+@pytest.mark.parametrize("import_first", [False, True], ids=["patched-first", "imported-first"])
+def test_many_greenlets_share_one_connection(amqp_url, connection_name, import_first):
     """200 greenlets publish with confirms on one connection while one consumes: everything
     arrives once, over one socket; a passive declare of a missing queue fails in its own
     greenlet only; heartbeats keep the connection up through 2.5 idle intervals while a
-    greenlet waits in drain_events() with no timeout."""
-    result = run_child("transport", amqp_url, connection_name)
+    greenlet waits in drain_events() with no timeout. Also with the transport imported before
+    the patch (its module-level locks and thread-locals then are the real ones). Before the
+    fix the first reply wait read its eventfd and stopped every greenlet: the child hung."""
+    result = run_child("transport", amqp_url, connection_name, import_first=import_first)
     assert_one_connection_served_all(result)
 
 
