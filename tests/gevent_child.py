@@ -1,22 +1,33 @@
 """Scenarios that tests/test_gevent_transport.py runs in a child process under gevent.
 
-``python tests/gevent_child.py SCENARIO AMQP_URL CONNECTION_NAME`` patches the process with
-``monkey.patch_all()`` before anything else is imported, as ``dramatiq-gevent`` does, runs the
-scenario in greenlets and prints one JSON line of what it saw (the parent asserts on it). Every
-wait inside is bounded, so a scenario that something blocks ends with an error, not a hang; the
-parent bounds the whole child as well (a wait that blocks the OS thread would stop the timers).
+``python tests/gevent_child.py SCENARIO AMQP_URL CONNECTION_NAME [CA_FILE]`` patches the
+process with ``monkey.patch_all()`` before anything else is imported, as ``dramatiq-gevent``
+does (with ``GEVENT_CHILD_IMPORT_FIRST=1`` the transport is imported before the patch), runs
+the scenario in greenlets and prints one JSON line of what it saw (the parent asserts on it).
+Every wait inside is bounded, so a scenario that something blocks ends with an error, not a
+hang; the parent bounds the whole child as well (a wait that blocks the OS thread would stop
+the timers).
 """
 
-from gevent import monkey
+import os
+
+if os.environ.get("GEVENT_CHILD_IMPORT_FIRST"):
+    # The transport imported before the patch: its module-level locks and thread-locals are
+    # the real ones, and it must still pick the cooperative waits.
+    import kombu_pyamqp_threadsafe  # noqa: F401
+
+from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
 
 import json  # noqa: E402 - everything below runs on the patched modules
+import ssl  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from contextlib import suppress  # noqa: E402
 from typing import Any  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 import gevent  # noqa: E402
 import psutil  # noqa: E402
@@ -29,16 +40,22 @@ from kombu_pyamqp_threadsafe.registry import registry  # noqa: E402
 #: Greenlets that publish, and messages each.
 PUBLISHERS = 200
 PER_PUBLISHER = 5
+#: Greenlets the short_lived scenario runs, and how many at a time.
+SHORT_LIVED = 300
+SHORT_LIVED_AT_ONCE = 10
+#: Messages the broker scenario sends to its first actor.
+BROKER_MESSAGES = 500
 #: Heartbeat interval of the transport scenario's connection (s); it then idles past 2x this.
 HEARTBEAT = 1
 #: Bound of any one scenario step (s).
 STEP_TIMEOUT = 30
 
 
-def amqp_sockets(url_port: int = 5672) -> int:
-    """This process's TCP connections to the AMQP port (counted by the kernel, via psutil)."""
+def amqp_sockets(url: str) -> int:
+    """This process's TCP connections to the port of ``url`` (counted by the kernel)."""
+    port = urlsplit(url).port or 5672
     return sum(1 for conn in psutil.Process().net_connections("tcp")
-               if conn.raddr and conn.raddr.port == url_port and conn.status == "ESTABLISHED")
+               if conn.raddr and conn.raddr.port == port and conn.status == "ESTABLISHED")
 
 
 def joined(greenlets: list[gevent.Greenlet], what: str) -> list[Any]:
@@ -52,11 +69,15 @@ def joined(greenlets: list[gevent.Greenlet], what: str) -> list[Any]:
     return [greenlet.value for greenlet in greenlets]
 
 
-def transport(url: str, name: str) -> dict[str, Any]:
+def transport(url: str, name: str, ca_file: str | None = None) -> dict[str, Any]:
     """Many greenlets on one KombuConnection: 200 publish with confirms while one consumes, one
     gets the NotFound of its passive declare, and the connection survives an idle period of
-    2.5 heartbeats while a greenlet waits in drain_events without a timeout."""
-    conn = ts.KombuConnection(url, heartbeat=HEARTBEAT, transport_options={
+    2.5 heartbeats while a greenlet waits in drain_events without a timeout. With ``ca_file``
+    the URL is amqps:// to a server whose certificate that CA signed for localhost."""
+    tls: Any = False
+    if ca_file:
+        tls = {"ca_certs": ca_file, "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "localhost"}
+    conn = ts.KombuConnection(url, heartbeat=HEARTBEAT, ssl=tls, transport_options={
         "confirm_publish": True, "client_properties": {"connection_name": name}})
     queue = f"gevent-{uuid.uuid4().hex[:8]}"
     total = PUBLISHERS * PER_PUBLISHER
@@ -103,7 +124,7 @@ def transport(url: str, name: str) -> dict[str, Any]:
         joined(publishers, "publishers")
         error = joined([missing], "passive declare")[0]
         joined([consumer], "consumer")
-        sockets_after_traffic = amqp_sockets()
+        sockets_after_traffic = amqp_sockets(url)
 
         # Idle past two heartbeat intervals while a greenlet waits with no timeout: only the
         # reader's heartbeats keep the connection up, and only if nothing blocks the thread.
@@ -129,19 +150,98 @@ def transport(url: str, name: str) -> dict[str, Any]:
             "registry_connections": registry.connections(),
             "heartbeat": conn.connection.heartbeat,
             "alive_after_idle": alive_after_idle,
-            "sockets_after_idle": amqp_sockets(),
+            "sockets_after_idle": amqp_sockets(url),
         }
     finally:
         conn.default_channel.queue_delete(queue)
         conn.close()
 
 
-SCENARIOS: dict[str, Callable[[str, str], dict[str, Any]]] = {"transport": transport}
+def broker(url: str, name: str) -> dict[str, Any]:
+    """KombuBroker under a plain dramatiq Worker with 200 worker greenlets: 500 messages of an
+    actor that sends each on to a second actor (so 200 greenlets publish with confirms while
+    the consumers drain), then the worker stops and the broker closes, both bounded."""
+    import dramatiq
+
+    from dramatiq_kombu_broker import KombuBroker
+
+    kombu_broker = KombuBroker(url=url, connection_name=name)
+    dramatiq.set_broker(kombu_broker)
+    first_queue, second_queue = (f"gevent-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    finished: list[int] = []
+    all_done = Event()
+
+    @dramatiq.actor(broker=kombu_broker, queue_name=first_queue)
+    def first(number: int) -> None:
+        second.send(number)
+
+    @dramatiq.actor(broker=kombu_broker, queue_name=second_queue)
+    def second(number: int) -> None:
+        finished.append(number)
+        if len(finished) == BROKER_MESSAGES:
+            all_done.set()
+
+    worker = dramatiq.Worker(kombu_broker, worker_threads=PUBLISHERS, worker_timeout=100)
+    worker.start()
+    try:
+        for number in range(BROKER_MESSAGES):
+            first.send(number)
+        all_done.wait(STEP_TIMEOUT)
+        sockets = amqp_sockets(url)
+    finally:
+        stopper = gevent.spawn(worker.stop, timeout=10_000)
+        stopped = bool(gevent.joinall([stopper], timeout=STEP_TIMEOUT))
+    left = {queue: kombu_broker.get_queue_message_counts(queue)
+            for queue in (first_queue, second_queue)}
+    channel = kombu_broker.producer_connection.default_channel
+    for queue in (first_queue, second_queue):
+        for declared, _ in kombu_broker.settings.declarations(queue):
+            channel.queue_delete(declared)
+    kombu_broker.close()
+    return {
+        "sent": BROKER_MESSAGES,
+        "finished": len(finished),
+        "distinct": len(set(finished)),
+        "sockets": sockets,
+        "worker_stopped": stopped,
+        "left": left,
+        "sockets_after_close": amqp_sockets(url),
+    }
+
+
+def short_lived(url: str, name: str) -> dict[str, Any]:
+    """Greenlets (gevent.spawn, as a pool or a WSGI server makes them) that each use their
+    default channel once and end, 10 at a time, 300 in all."""
+    conn = ts.KombuConnection(url, transport_options={
+        "client_properties": {"connection_name": name}})
+    queue = f"gevent-{uuid.uuid4().hex[:8]}"
+    conn.ensure_connection(max_retries=3)
+    conn.default_channel.queue_declare(queue, auto_delete=False)
+    try:
+        def use() -> None:
+            conn.default_channel.queue_declare(queue, passive=True)
+
+        for _ in range(SHORT_LIVED // SHORT_LIVED_AT_ONCE):
+            joined([gevent.spawn(use) for _ in range(SHORT_LIVED_AT_ONCE)], "greenlets")
+        channels = conn.connection.channels
+        return {
+            "greenlets": SHORT_LIVED,
+            "at_once": SHORT_LIVED_AT_ONCE,
+            "open_channels": sum(1 for channel_id, channel in channels.items()
+                                 if channel_id and channel.is_open),
+        }
+    finally:
+        conn.default_channel.queue_delete(queue)
+        conn.close()
+
+
+SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
+    "transport": transport, "broker": broker, "short_lived": short_lived}
 
 
 def main() -> None:
-    scenario, url, name = sys.argv[1:4]
-    result = gevent.spawn(SCENARIOS[scenario], url, name)
+    scenario, *args = sys.argv[1:]
+    result = gevent.spawn(SCENARIOS[scenario], *args)
     result.join(timeout=4 * STEP_TIMEOUT)
     if not result.ready():
         raise SystemExit(f"scenario {scenario} did not end within {4 * STEP_TIMEOUT} s")

@@ -10,6 +10,7 @@ child printed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,20 @@ from typing import Any
 
 import pytest
 
+from test_transport_tls import tls_files, tls_proxy  # noqa: F401 - fixtures
+from transport_helpers import url_for
+
 CHILD = Path(__file__).with_name("gevent_child.py")
 #: Bound of one child process (s); the scenarios take a few seconds.
 CHILD_TIMEOUT = 90
 
 
-def run_child(scenario: str, amqp_url: str, connection_name: str) -> dict[str, Any]:
+def run_child(scenario: str, *args: str, import_first: bool = False) -> dict[str, Any]:
+    env = dict(os.environ)
+    if import_first:
+        env["GEVENT_CHILD_IMPORT_FIRST"] = "1"
     try:
-        proc = subprocess.run([sys.executable, str(CHILD), scenario, amqp_url, connection_name],
+        proc = subprocess.run([sys.executable, str(CHILD), scenario, *args], env=env,
                               capture_output=True, text=True, timeout=CHILD_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the {scenario} scenario hung under gevent for {CHILD_TIMEOUT} s\n"
@@ -34,14 +41,53 @@ def run_child(scenario: str, amqp_url: str, connection_name: str) -> dict[str, A
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_many_greenlets_share_one_connection(amqp_url, connection_name):
-    """200 greenlets publish with confirms on one connection while one consumes: everything
-    arrives once, over one socket; a passive declare of a missing queue fails in its own
-    greenlet only; heartbeats keep the connection up through 2.5 idle intervals while a
-    greenlet waits in drain_events() with no timeout."""
-    result = run_child("transport", amqp_url, connection_name)
+def assert_one_connection_served_all(result: dict[str, Any]) -> None:
+    """What the transport scenario must have seen (see gevent_child.transport)."""
     assert result["received"] == result["published"] == result["distinct"], result
     assert result["passive_declare"] == "NotFound", result
     assert result["sockets"] == 1 and result["registry_connections"] == 1, result
     assert result["heartbeat"] == 1, result
     assert result["alive_after_idle"] and result["sockets_after_idle"] == 1, result
+
+
+@pytest.mark.parametrize("import_first", [False, True], ids=["patched-first", "imported-first"])
+def test_many_greenlets_share_one_connection(amqp_url, connection_name, import_first):
+    """200 greenlets publish with confirms on one connection while one consumes: everything
+    arrives once, over one socket; a passive declare of a missing queue fails in its own
+    greenlet only; heartbeats keep the connection up through 2.5 idle intervals while a
+    greenlet waits in drain_events() with no timeout. Also with the transport imported before
+    the patch (its module-level locks and thread-locals then are the real ones). Before the
+    fix the first reply wait read its eventfd and stopped every greenlet: the child hung."""
+    result = run_child("transport", amqp_url, connection_name, import_first=import_first)
+    assert_one_connection_served_all(result)
+
+
+def test_many_greenlets_share_one_connection_over_tls(tls_files, tls_proxy, vhost,  # noqa: F811
+                                                      connection_name):
+    """The same over amqps:// (TLSSocket: memory BIOs, the raw socket read and written by the
+    transport itself) through a TLS-terminating proxy in front of the server."""
+    url = url_for(vhost, tls_proxy.port, scheme="amqps", host="localhost")
+    result = run_child("transport", url, connection_name, tls_files["ca"])
+    assert_one_connection_served_all(result)
+
+
+def test_kombu_broker_worker_with_200_greenlets(amqp_url, connection_name):
+    """A plain dramatiq Worker with 200 worker greenlets on KombuBroker processes 500 messages
+    of an actor chain (each sent on from a worker greenlet, with confirms) over the broker's
+    two connections, leaves nothing in the queues and stops within its bound. Before the fix
+    the worker processed nothing: the first wait read the eventfd and stopped every greenlet."""
+    result = run_child("broker", amqp_url, connection_name)
+    assert result["finished"] == result["sent"] == result["distinct"], result
+    assert result["sockets"] == 2, result
+    assert result["worker_stopped"], result
+    assert all(counts == [0, 0, 0] for counts in result["left"].values()), result
+    assert result["sockets_after_close"] == 0, result
+
+
+def test_default_channels_of_ended_greenlets_are_closed(amqp_url, connection_name):
+    """300 greenlets from gevent.spawn, 10 at a time, each use their default channel and end:
+    as for threads, a new default channel closes those of the greenlets that ended, so the
+    connection holds one wave's worth. Before the fix all 300 stayed open (a spawned
+    greenlet's dummy Thread says is_alive() forever), on the way to channel_max."""
+    result = run_child("short_lived", amqp_url, connection_name)
+    assert result["open_channels"] <= result["at_once"] + 1, result
