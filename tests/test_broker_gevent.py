@@ -226,11 +226,12 @@ def test_a_time_limit_inside_a_publish_leaves_the_connection_to_the_other_greenl
         assert symptom not in log, log[-3000:]
 
 
-def test_sigterm_ends_a_busy_worker_and_leaves_the_rest_in_the_queue(env, amqp_url, vhost,
-                                                                      tmp_path):
-    """SIGTERM while 200 greenlets are busy with 2,000 messages: the CLI exits with status 0
-    within the bound (its worker shutdown timeout is 10 s); every message was either done or
-    is still in the queue, and the two connections are closed."""
+def test_sigterm_ends_busy_forked_workers_and_leaves_the_rest_in_the_queue(env, amqp_url,
+                                                                           vhost, tmp_path):
+    """Two worker processes forked by the CLI, 100 greenlets each, busy with 3,000 messages:
+    each holds its own two connections; SIGTERM ends the CLI with status 0 within the bound
+    (the worker shutdown timeout is 10 s), every message is either done or still in the queue,
+    and every connection is closed."""
     queue, name = unique("gs"), unique("gevent-stop")
     results_queue = f"{queue}-results"
     sender = env.broker()
@@ -241,20 +242,27 @@ def test_sigterm_ends_a_busy_worker_and_leaves_the_rest_in_the_queue(env, amqp_u
 
     sender.declare_queue(results_queue, ensure=True)
     sender.declare_queue(queue, ensure=True)
-    for item in range(2000):
+    for item in range(3000):
         work.send(item)
     environ = cli_environment(amqp_url, EXAMPLE_QUEUE=queue, EXAMPLE_RESULTS_QUEUE=results_queue,
                               EXAMPLE_CONNECTION_NAME=name)
     results = Results(amqp_url, results_queue)
-    with cli("examples.app", environ, tmp_path / "dramatiq-gevent.log", threads=200,
-             queue=queue) as workers:
+    with cli("examples.app", environ, tmp_path / "dramatiq-gevent.log", threads=100,
+             queue=queue, processes=2) as workers:
+        booted = results.wait(lambda r: len(r.of_kind("boot")) == 2, BOOT_TIMEOUT)
+        assert booted, workers.log_tail()
+        pids = sorted(pid for [pid] in results.of_kind("boot"))
+        assert pids == workers.worker_pids(), (pids, workers.worker_pids())
         busy = results.wait(lambda r: len(r.of_kind("done")) >= 100, BOOT_TIMEOUT)
         assert busy, workers.log_tail()
+        expected = sorted(role for pid in pids for role in roles(f"{name}-{pid}"))
+        assert connections_named(name, vhost) == expected
         stop_cleanly(workers)
     assert wait_until(lambda: connections_named(name, vhost) == [], timeout=15), (
         connections_named(name, vhost))
     results.drain()
     done = {v[0] for v in results.of_kind("done")}
     ready = sender.get_queue_message_counts(queue)[0]
-    assert len(done) + ready >= 2000, (len(done), ready)
+    assert len(done) + ready >= 3000, (len(done), ready)
+    assert {v[1] for v in results.of_kind("done")} <= set(pids)
     assert "Traceback" not in workers.log_tail(1_000_000), workers.log_tail()
