@@ -1,6 +1,6 @@
 """Scenarios that tests/test_gevent_transport.py runs in a child process under gevent.
 
-``python tests/gevent_child.py SCENARIO AMQP_URL CONNECTION_NAME [CA_FILE]`` patches the
+``python tests/gevent_child.py SCENARIO [AMQP_URL CONNECTION_NAME [CA_FILE]]`` patches the
 process with ``monkey.patch_all()`` before anything else is imported, as ``dramatiq-gevent``
 does (with ``GEVENT_CHILD_IMPORT_FIRST=1`` the transport is imported before the patch), runs
 the scenario in greenlets and prints one JSON line of what it saw (the parent asserts on it).
@@ -21,6 +21,7 @@ from gevent import monkey  # noqa: E402
 monkey.patch_all()
 
 import json  # noqa: E402 - everything below runs on the patched modules
+import socket  # noqa: E402
 import ssl  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
@@ -235,8 +236,31 @@ def short_lived(url: str, name: str) -> dict[str, Any]:
         conn.close()
 
 
+def tls_read_nowait() -> dict[str, Any]:
+    """The reader's TLS read when less than a record has arrived: it must say so at once
+    (SSLWantReadError, and the reader polls again, heartbeat ticks included), not wait for
+    the rest."""
+    from kombu_pyamqp_threadsafe.tls import TLSSocket
+
+    ours, theirs = socket.socketpair()
+    tls = TLSSocket(ours, ssl.create_default_context(), server_hostname="localhost")
+    outcome = "returned"
+    try:
+        with gevent.Timeout(STEP_TIMEOUT / 10):
+            tls.recv_into(bytearray(1024))
+    except ssl.SSLWantReadError:
+        outcome = "SSLWantReadError"
+    except gevent.Timeout:
+        outcome = "waited"
+    finally:
+        ours.close()
+        theirs.close()
+    return {"outcome": outcome}
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
-    "transport": transport, "broker": broker, "short_lived": short_lived}
+    "transport": transport, "broker": broker, "short_lived": short_lived,
+    "tls_read_nowait": tls_read_nowait}
 
 
 def main() -> None:

@@ -91,3 +91,10 @@ def test_default_channels_of_ended_greenlets_are_closed(amqp_url, connection_nam
     greenlet's dummy Thread says is_alive() forever), on the way to channel_max."""
     result = run_child("short_lived", amqp_url, connection_name)
     assert result["open_channels"] <= result["at_once"] + 1, result
+
+
+def test_tls_read_of_an_incomplete_record_does_not_wait():
+    """The reader's TLS read with less than a record arrived raises SSLWantReadError at once,
+    so the reader polls again and keeps ticking heartbeats. Before the fix gevent's socket
+    turned the MSG_DONTWAIT read into a wait for the rest of the record (here: forever)."""
+    assert run_child("tls_read_nowait")["outcome"] == "SSLWantReadError"
