@@ -236,6 +236,72 @@ def short_lived(url: str, name: str) -> dict[str, Any]:
         conn.close()
 
 
+def fork(url: str, name: str) -> dict[str, Any]:
+    """A fork while 10 greenlets publish with confirms on a shared connection. gevent's fork
+    keeps every greenlet in the child, the reader's and the publishers' included: the child's
+    inherited connection must fail (never touch the parent's socket), a new one serve it, and
+    the parent's go on."""
+    conn = ts.KombuConnection(url, transport_options={
+        "confirm_publish": True, "client_properties": {"connection_name": name}})
+    queue = f"gevent-{uuid.uuid4().hex[:8]}"
+    conn.ensure_connection(max_retries=3)
+    conn.default_channel.queue_declare(queue, auto_delete=False)
+    stop, publishing = Event(), Event()
+
+    def hammer() -> str:
+        channel = conn.default_channel
+        try:
+            while not stop.is_set():
+                channel.basic_publish(channel.prepare_message(b"h"), routing_key=queue,
+                                      timeout=STEP_TIMEOUT)
+                publishing.set()
+        except Exception as exc:  # noqa: BLE001 - in the child: the inherited connection
+            return type(exc).__name__
+        return "stopped"
+
+    hammers = [gevent.spawn(hammer) for _ in range(10)]
+    if not publishing.wait(STEP_TIMEOUT):
+        raise TimeoutError("the publishers did not start")
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return
+        code = 1
+        try:
+            os.close(report_r)
+            result: dict[str, Any] = {}
+            try:
+                with gevent.Timeout(STEP_TIMEOUT):
+                    result["inherited"] = joined(hammers, "inherited publishers")
+                    channel = conn.default_channel
+                    channel.basic_publish(channel.prepare_message(b"from the child"),
+                                          routing_key=queue, timeout=STEP_TIMEOUT)
+                    result["child_connections"] = registry.connections()
+                    result["child_sockets"] = amqp_sockets(url)
+                    conn.close()
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                result["error"] = repr(exc)
+            os.write(report_w, json.dumps(result).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    try:
+        waited = os.waitpid(pid, 0)  # gevent's: only this greenlet waits
+        report = json.loads(os.read(report_r, 65536) or b"{}")
+        report["child_exit"] = waited[1]
+        stop.set()
+        report["parent_publishers"] = joined(hammers, "parent publishers")
+        channel = conn.default_channel
+        channel.basic_publish(channel.prepare_message(b"after the fork"), routing_key=queue,
+                              timeout=STEP_TIMEOUT)
+        report["parent_sockets"] = amqp_sockets(url)
+        return report
+    finally:
+        os.close(report_r)
+        conn.default_channel.queue_delete(queue)
+        conn.close()
+
+
 def tls_read_nowait() -> dict[str, Any]:
     """The reader's TLS read when less than a record has arrived: it must say so at once
     (SSLWantReadError, and the reader polls again, heartbeat ticks included), not wait for
@@ -260,7 +326,7 @@ def tls_read_nowait() -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "transport": transport, "broker": broker, "short_lived": short_lived,
-    "tls_read_nowait": tls_read_nowait}
+    "tls_read_nowait": tls_read_nowait, "fork": fork}
 
 
 def main() -> None:

@@ -98,3 +98,17 @@ def test_tls_read_of_an_incomplete_record_does_not_wait():
     so the reader polls again and keeps ticking heartbeats. Before the fix gevent's socket
     turned the MSG_DONTWAIT read into a wait for the rest of the record (here: forever)."""
     assert run_child("tls_read_nowait")["outcome"] == "SSLWantReadError"
+
+
+def test_fork_while_greenlets_publish(amqp_url, connection_name):
+    """gevent's fork keeps every greenlet, unlike threads: in the child the 10 inherited
+    publishers, waiting for confirms that cannot come, get ConnectionLostError at once, and a
+    new connection serves the child; the parent's publishers go on over its one socket.
+    Before the fix the inherited publishers slept until their publish timeout."""
+    result = run_child("fork", amqp_url, connection_name)
+    assert "error" not in result, result
+    assert result["inherited"] == ["ConnectionLostError"] * 10, result
+    assert result["child_connections"] == 1 and result["child_sockets"] == 1, result
+    assert result["child_exit"] == 0, result
+    assert result["parent_publishers"] == ["stopped"] * 10, result
+    assert result["parent_sockets"] == 1, result
