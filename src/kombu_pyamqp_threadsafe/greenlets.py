@@ -2,10 +2,10 @@
 
 Patched, every ``threading.Thread`` (the reader included) is a greenlet in one OS thread, so a
 wait that gevent cannot see (a plain read of an eventfd, an unpatched ``poll``) stops them all.
-The two waits that differ, the inbox's wake-up and the reader's poll, ask here when they are
-made, and so does the TLS reader's non-blocking read; gevent is imported only by a process
-that has already imported and applied it. The
-registry asks here whether a thread ended, which for a greenlet is_alive() does not say.
+The two waits that differ, the inbox's wake-up and the reader's, ask here when they are made,
+and so does the TLS reader's non-blocking read; the registry asks whether a thread ended,
+which for a greenlet ``is_alive()`` does not say. gevent is imported only by a process that
+has already imported and applied it.
 """
 
 from __future__ import annotations
