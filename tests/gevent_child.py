@@ -46,6 +46,9 @@ SHORT_LIVED = 300
 SHORT_LIVED_AT_ONCE = 10
 #: Messages the broker scenario sends to its first actor.
 BROKER_MESSAGES = 500
+#: Actors the time_limits scenario interrupts, and messages it sends after them.
+FLOODS = 20
+MARKERS = 200
 #: Heartbeat interval of the transport scenario's connection (s); it then idles past 2x this.
 HEARTBEAT = 1
 #: Bound of any one scenario step (s).
@@ -210,6 +213,70 @@ def broker(url: str, name: str) -> dict[str, Any]:
     }
 
 
+def time_limits(url: str, name: str) -> dict[str, Any]:
+    """dramatiq's time limit under gevent (a gevent.Timeout thrown into the greenlet at its
+    next yield: a confirm wait, a reply wait, a write): 20 actors each publish without pause
+    until their 100 ms limit interrupts them, on 50 worker greenlets; then 200 messages of
+    another actor must all be processed over the same broker."""
+    import dramatiq
+    from dramatiq.middleware import TimeLimitExceeded
+
+    from dramatiq_kombu_broker import KombuBroker
+
+    kombu_broker = KombuBroker(url=url, connection_name=name)
+    dramatiq.set_broker(kombu_broker)
+    flood_queue, sink_queue, marker_queue = (f"gevent-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    interrupted: list[int] = []
+    floods_done, markers_done = Event(), Event()
+    markers: list[int] = []
+
+    @dramatiq.actor(broker=kombu_broker, queue_name=sink_queue)
+    def sink(number: int) -> None:
+        pass
+
+    @dramatiq.actor(broker=kombu_broker, queue_name=flood_queue, time_limit=100, max_retries=0)
+    def flood(number: int) -> None:
+        try:
+            while True:
+                sink.send(number)
+        except TimeLimitExceeded:
+            interrupted.append(number)
+            if len(interrupted) == FLOODS:
+                floods_done.set()
+            raise
+
+    @dramatiq.actor(broker=kombu_broker, queue_name=marker_queue)
+    def marker(number: int) -> None:
+        markers.append(number)
+        if len(markers) == MARKERS:
+            markers_done.set()
+
+    worker = dramatiq.Worker(kombu_broker, worker_threads=50, worker_timeout=100)
+    worker.start()
+    try:
+        for number in range(FLOODS):
+            flood.send(number)
+        floods_done.wait(STEP_TIMEOUT)
+        for number in range(MARKERS):
+            marker.send(number)
+        markers_done.wait(STEP_TIMEOUT)
+    finally:
+        stopper = gevent.spawn(worker.stop, timeout=10_000)
+        stopped = bool(gevent.joinall([stopper], timeout=STEP_TIMEOUT))
+    channel = kombu_broker.producer_connection.default_channel
+    for queue in (flood_queue, sink_queue, marker_queue):
+        for declared, _ in kombu_broker.settings.declarations(queue):
+            channel.queue_delete(declared)
+    kombu_broker.close()
+    return {
+        "floods": FLOODS,
+        "interrupted": len(interrupted),
+        "markers": MARKERS,
+        "markers_processed": len(set(markers)),
+        "worker_stopped": stopped,
+    }
+
+
 def short_lived(url: str, name: str) -> dict[str, Any]:
     """Greenlets (gevent.spawn, as a pool or a WSGI server makes them) that each use their
     default channel once and end, 10 at a time, 300 in all."""
@@ -326,7 +393,7 @@ def tls_read_nowait() -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "transport": transport, "broker": broker, "short_lived": short_lived,
-    "tls_read_nowait": tls_read_nowait, "fork": fork}
+    "tls_read_nowait": tls_read_nowait, "fork": fork, "time_limits": time_limits}
 
 
 def main() -> None:

@@ -112,3 +112,13 @@ def test_fork_while_greenlets_publish(amqp_url, connection_name):
     assert result["child_exit"] == 0, result
     assert result["parent_publishers"] == ["stopped"] * 10, result
     assert result["parent_sockets"] == 1, result
+
+
+def test_time_limits_interrupting_publishers(amqp_url, connection_name):
+    """dramatiq's time limit under gevent lands at a greenlet's next yield, in the transport's
+    waits (a confirm, a reply) and writes: 20 actors publishing without pause are each
+    interrupted, and 200 messages sent afterwards are all processed on the same broker."""
+    result = run_child("time_limits", amqp_url, connection_name)
+    assert result["interrupted"] == result["floods"], result
+    assert result["markers_processed"] == result["markers"], result
+    assert result["worker_stopped"], result
