@@ -122,3 +122,28 @@ def test_time_limits_interrupting_publishers(amqp_url, connection_name):
     assert result["interrupted"] == result["floods"], result
     assert result["markers_processed"] == result["markers"], result
     assert result["worker_stopped"], result
+
+
+UNPATCHED = '''
+import sys
+import kombu_pyamqp_threadsafe as ts
+from kombu_pyamqp_threadsafe import inbox
+conn = ts.KombuConnection(sys.argv[1])
+conn.ensure_connection(max_retries=3)
+channel = conn.default_channel
+channel.queue_declare("", exclusive=True)
+wakeup = conn.connection._current_inbox()._wakeup
+conn.close()
+assert isinstance(wakeup, inbox.Wakeup), type(wakeup)
+assert "gevent" not in sys.modules, "gevent imported by a process that did not patch"
+print("OK")
+'''
+
+
+def test_threads_path_does_not_import_gevent(amqp_url):
+    """Without the patch the transport keeps its eventfd wake-up and never imports gevent
+    (installed here), so threads pay nothing for the gevent path."""
+    proc = subprocess.run([sys.executable, "-c", UNPATCHED, amqp_url], capture_output=True,
+                          text=True, timeout=CHILD_TIMEOUT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", (
+        f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
