@@ -49,6 +49,8 @@ BROKER_MESSAGES = 500
 #: Actors the time_limits scenario interrupts, and messages it sends after them.
 FLOODS = 20
 MARKERS = 200
+#: Messages each publisher of the native_threads scenario sends.
+NATIVE_PER_PUBLISHER = 100
 #: Heartbeat interval of the transport scenario's connection (s); it then idles past 2x this.
 HEARTBEAT = 1
 #: Bound of any one scenario step (s).
@@ -277,6 +279,33 @@ def time_limits(url: str, name: str) -> dict[str, Any]:
     }
 
 
+def native_threads(url: str, name: str) -> dict[str, Any]:
+    """Native threads beside the greenlets (gevent's thread pool, each thread with a hub of its
+    own) publish with confirms on the same connection: 4 of each, 100 messages apiece."""
+    conn = ts.KombuConnection(url, transport_options={
+        "confirm_publish": True, "client_properties": {"connection_name": name}})
+    queue = f"gevent-{uuid.uuid4().hex[:8]}"
+    conn.ensure_connection(max_retries=3)
+    conn.default_channel.queue_declare(queue, auto_delete=False)
+    try:
+        def publish() -> int:
+            channel = conn.default_channel
+            for _ in range(NATIVE_PER_PUBLISHER):
+                channel.basic_publish(channel.prepare_message(b"n"), routing_key=queue,
+                                      timeout=STEP_TIMEOUT)
+            return NATIVE_PER_PUBLISHER
+
+        pool = gevent.get_hub().threadpool
+        publishers = [pool.spawn(publish) for _ in range(4)]
+        publishers += [gevent.spawn(publish) for _ in range(4)]
+        published = sum(joined(publishers, "publishers"))
+        queued = conn.default_channel.queue_declare(queue, passive=True).message_count
+        return {"published": published, "queued": queued}
+    finally:
+        conn.default_channel.queue_delete(queue)
+        conn.close()
+
+
 def short_lived(url: str, name: str) -> dict[str, Any]:
     """Greenlets (gevent.spawn, as a pool or a WSGI server makes them) that each use their
     default channel once and end, 10 at a time, 300 in all."""
@@ -393,7 +422,8 @@ def tls_read_nowait() -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "transport": transport, "broker": broker, "short_lived": short_lived,
-    "tls_read_nowait": tls_read_nowait, "fork": fork, "time_limits": time_limits}
+    "tls_read_nowait": tls_read_nowait, "fork": fork, "time_limits": time_limits,
+    "native_threads": native_threads}
 
 
 def main() -> None:

@@ -147,3 +147,12 @@ def test_threads_path_does_not_import_gevent(amqp_url):
                           text=True, timeout=CHILD_TIMEOUT)
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", (
         f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+
+
+def test_native_threads_beside_greenlets(amqp_url, connection_name):
+    """Threads of gevent's thread pool (each with its own hub) publish with confirms on the
+    connection beside greenlets, woken across hubs. Before the fix their first reply wait,
+    without a timeout, on a hub with nothing else to do raised LoopExit ("This operation
+    would block forever")."""
+    result = run_child("native_threads", amqp_url, connection_name)
+    assert result["published"] == result["queued"] == 8 * 100, result
