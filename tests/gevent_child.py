@@ -27,6 +27,7 @@ import sys  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from contextlib import suppress  # noqa: E402
+from time import monotonic  # noqa: E402
 from typing import Any  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
 
@@ -34,6 +35,7 @@ import gevent  # noqa: E402
 import psutil  # noqa: E402
 from amqp.exceptions import NotFound  # noqa: E402
 from gevent.event import Event  # noqa: E402
+from gevent.socket import wait_read  # noqa: E402
 
 import kombu_pyamqp_threadsafe as ts  # noqa: E402
 from kombu_pyamqp_threadsafe.registry import registry  # noqa: E402
@@ -51,6 +53,8 @@ FLOODS = 20
 MARKERS = 200
 #: Messages each publisher of the native_threads scenario sends.
 NATIVE_PER_PUBLISHER = 100
+#: Heartbeat interval of the silent_peer scenario (s).
+SILENT_HEARTBEAT = 2
 #: Heartbeat interval of the transport scenario's connection (s); it then idles past 2x this.
 HEARTBEAT = 1
 #: Bound of any one scenario step (s).
@@ -306,6 +310,68 @@ def native_threads(url: str, name: str) -> dict[str, Any]:
         conn.close()
 
 
+def silent_peer(url: str, name: str) -> dict[str, Any]:
+    """The connection (through the parent's proxy) while the peer goes silent: a greenlet
+    draining with no timeout, one waiting for a confirm and one writing 1 MB messages without
+    confirms until its send blocks. Prints "ready", waits for the parent's line on stdin (the
+    proxy has paused), then reports how long after it each greenlet got its error."""
+    conn = ts.KombuConnection(url, heartbeat=SILENT_HEARTBEAT, transport_options={
+        "confirm_publish": True, "client_properties": {"connection_name": name}})
+    conn.ensure_connection(max_retries=3)
+    arrived: list[str] = []
+    all_ready, go = Event(), Event()
+
+    def ready(who: str) -> None:
+        arrived.append(who)
+        if len(arrived) == 3:
+            all_ready.set()
+        go.wait()
+
+    def drainer() -> None:
+        channel = conn.channel()
+        queue = channel.queue_declare("", exclusive=True).queue
+        channel.basic_consume(queue, callback=lambda message: None, no_ack=True)
+        ready("drainer")
+        while True:
+            channel.connection.drain_events(timeout=None)
+
+    def confirm_waiter() -> None:
+        channel = conn.channel()
+        queue = channel.queue_declare("", exclusive=True).queue
+        channel.basic_publish(channel.prepare_message(b"confirmed"), routing_key=queue)
+        ready("confirm waiter")
+        channel.basic_publish(channel.prepare_message(b"never confirmed"), routing_key=queue)
+
+    def blocked_writer() -> None:
+        channel = conn.channel()
+        queue = channel.queue_declare("", exclusive=True).queue
+        message = channel.prepare_message(b"x" * (1024 * 1024))
+        ready("blocked writer")
+        while True:
+            channel._basic_publish(message, exchange="", routing_key=queue)
+
+    def timed(work: Callable[[], None]) -> tuple[str, float, bool]:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - the error is what is reported
+            recoverable = isinstance(exc, conn.recoverable_connection_errors)
+            return type(exc).__name__, monotonic() - paused_at, recoverable
+        return "returned", monotonic() - paused_at, False
+
+    paused_at = monotonic()
+    greenlets = [gevent.spawn(timed, work) for work in (drainer, confirm_waiter, blocked_writer)]
+    if not all_ready.wait(STEP_TIMEOUT):
+        raise TimeoutError(f"only {arrived} ready")
+    print("ready", flush=True)
+    wait_read(sys.stdin.fileno(), STEP_TIMEOUT)
+    sys.stdin.readline()
+    paused_at = monotonic()
+    go.set()
+    outcomes = joined(greenlets, "greenlets after the peer went silent")
+    conn.close()
+    return {"heartbeat": SILENT_HEARTBEAT, "outcomes": outcomes}
+
+
 def short_lived(url: str, name: str) -> dict[str, Any]:
     """Greenlets (gevent.spawn, as a pool or a WSGI server makes them) that each use their
     default channel once and end, 10 at a time, 300 in all."""
@@ -423,7 +489,7 @@ def tls_read_nowait() -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "transport": transport, "broker": broker, "short_lived": short_lived,
     "tls_read_nowait": tls_read_nowait, "fork": fork, "time_limits": time_limits,
-    "native_threads": native_threads}
+    "native_threads": native_threads, "silent_peer": silent_peer}
 
 
 def main() -> None:

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from stress.bounded import run_bounded
 from test_transport_tls import tls_files, tls_proxy  # noqa: F401 - fixtures
-from transport_helpers import url_for
+from transport_helpers import Proxy, url_for
 
 CHILD = Path(__file__).with_name("gevent_child.py")
 #: Bound of one child process (s); the scenarios take a few seconds.
@@ -156,3 +157,32 @@ def test_native_threads_beside_greenlets(amqp_url, connection_name):
     would block forever")."""
     result = run_child("native_threads", amqp_url, connection_name)
     assert result["published"] == result["queued"] == 8 * 100, result
+
+
+def test_silent_peer_fails_every_waiting_greenlet(vhost, connection_name):
+    """The proxy stops forwarding (sockets stay open): a greenlet draining with no timeout,
+    one waiting for a confirm and one blocked in a send all get a recoverable error within
+    three heartbeat intervals: the reader, never blocked by a send, counts the missed
+    heartbeats and fails the connection, whose shutdown wakes the blocked writer."""
+    with Proxy() as proxy:
+        url = url_for(vhost, proxy.port)
+        child = subprocess.Popen([sys.executable, str(CHILD), "silent_peer", url,
+                                  connection_name], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            ready = run_bounded(child.stdout.readline, CHILD_TIMEOUT, "the child's ready line")
+            assert ready.strip() == "ready", ready
+            proxy.pause()
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            stdout, stderr = child.communicate(timeout=CHILD_TIMEOUT)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert child.returncode == 0, f"exit {child.returncode}\nstdout: {stdout}\nstderr: {stderr}"
+    result = json.loads(stdout.strip().splitlines()[-1])
+    heartbeat = result["heartbeat"]
+    for _name, took, recoverable in result["outcomes"]:
+        assert recoverable and took < 3 * heartbeat + 1, result
