@@ -65,6 +65,12 @@ class Wakeup:
         os.read(self._read_fd, 8)
 
 
+#: The longest one wait on a gevent Event (s): a native thread's hub (gevent's thread pool)
+#: with nothing else to do takes a wait without a timeout for a deadlock (LoopExit), even
+#: though a set() from another thread would end it.
+MAX_GREENLET_WAIT = 60.0
+
+
 class GreenletWakeup:
     """Wakes one greenlet under gevent's monkey-patching, where threads are greenlets in one
     OS thread: a read of an eventfd would block that thread and every greenlet with it, the
@@ -86,9 +92,11 @@ class GreenletWakeup:
     def wait(self, timeout: float | None) -> None:
         """The owning greenlet: sleep until set() or ``timeout`` seconds, then reset (a set()
         after the reset makes the next wait return at once; the caller looks at its
-        doorbells in between)."""
-        if self._event.wait(timeout):
-            self._event.clear()
+        doorbells in between). Without a timeout it returns after MAX_GREENLET_WAIT all the
+        same, and the caller, finding nothing, waits again."""
+        event = self._event
+        if event.wait(MAX_GREENLET_WAIT if timeout is None else timeout):
+            event.clear()
 
 
 def _close_pair(read_fd: int, write_fd: int) -> None:

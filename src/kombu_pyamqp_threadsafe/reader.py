@@ -24,13 +24,39 @@ IDLE_TICK = 1.0
 
 
 def _poller() -> Any:
-    """A poll object; under gevent its wait yields to the other greenlets (gevent's own poll,
-    whether or not ``select`` was patched), where select.poll() would stop them all."""
+    """A poll object for the reader's socket: select.poll(), or under gevent one whose wait
+    yields to the other greenlets (select.poll() would stop them all)."""
     if threads_are_greenlets():
-        from gevent.select import poll  # only in a process that gevent has patched
-
-        return poll()
+        return _GreenletPoll()
     return select.poll()
+
+
+class _Quiet(Exception):
+    """The reader's wait under gevent timed out (the next heartbeat tick is due)."""
+
+
+class _GreenletPoll:
+    """The reader's one use of select.poll() under gevent: wait until its socket is readable
+    or ``timeout`` ms. One gevent IO watcher for the reader's life (gevent's own poll makes
+    and drops one, two epoll_ctl calls, per call)."""
+
+    def __init__(self) -> None:
+        self._watcher: Any = None
+        self._wait: Any = None
+
+    def register(self, fd: int, eventmask: int) -> None:
+        from gevent import get_hub  # only in a process that gevent has patched
+        from gevent.socket import wait
+
+        self._watcher = get_hub().loop.io(fd, 1)  # 1: readable
+        self._wait = wait
+
+    def poll(self, timeout: float) -> bool:
+        try:
+            self._wait(self._watcher, timeout / 1000, _Quiet)
+        except _Quiet:
+            return False
+        return True
 
 
 class Reader:
