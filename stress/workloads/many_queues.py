@@ -1,0 +1,109 @@
+"""Many queues consumed at once: one dramatiq Worker on N queues (issue 16).
+
+A dramatiq Worker runs a consumer thread for every queue it consumes and one for the queue's
+delay queue (``q`` and ``q.DQ``), whatever ``worker_threads`` is: N queues are 2N consumers.
+``RabbitmqBroker`` opens a connection for each of them (and one per thread that sends);
+``KombuBroker`` gives each consumer a channel of its one consumer connection.
+
+One actor per queue; the case sends ``messages`` spread evenly over the queues from the main
+thread (untimed: it declares the queues, so RabbitmqBroker's consumer threads open no connection
+of their own to declare them), then times a Worker from ``start()`` to the last message processed,
+consumer start-up included. Every message carries an id: lost and duplicated ones are counted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+
+from stress.broker_case import broker_case
+from stress.polling import poll
+from stress.workload import Tracker
+
+NAME = "many-queues"
+TITLE = "Many queues consumed at once (a dramatiq Worker on N queues, 2 consumers each)"
+COLUMNS = [
+    ("seconds", "s to process all"),
+    ("throughput", "msg/s"),
+    ("consumers", "consumers"),
+    ("connections", "peak connections"),
+    ("server_connections", "server-side connections"),
+    ("open_after_close", "left open after close"),
+    ("lost", "lost"),
+    ("duplicated", "duplicated"),
+    ("send_failures", "failed sends"),
+    ("rss_mb", "peak RSS MiB"),
+]
+HEADLINE = "seconds"
+HIGHER_IS_BETTER = False
+
+#: dramatiq's default; the threads that process, not the consumers.
+WORKER_THREADS = 8
+#: worker_timeout (ms) of the Worker: how long a stopping consumer waits for its next message.
+WORKER_TIMEOUT_MS = 100
+#: Bound on the processing of one case.
+PROCESS_TIMEOUT_S = {True: 60.0, False: 300.0}
+
+
+def cases(quick: bool) -> list[dict[str, Any]]:
+    queues, messages = (10, 200) if quick else (200, 4000)
+    return [{"setup": setup, "label": f"{queues} queues", "queues": queues, "messages": messages,
+             "worker_threads": WORKER_THREADS, "timeout_s": PROCESS_TIMEOUT_S[quick]}
+            for setup in ("rabbitmq", "kombu")]
+
+
+def connections_needed(case: dict[str, Any]) -> int:
+    """RabbitmqBroker: one per consumer and the sending main thread; KombuBroker: two."""
+    return 2 * case["queues"] + 1 if case["setup"] == "rabbitmq" else 2
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    queues, total = int(case["queues"]), int(case["messages"])
+    if queues < 1 or total < queues:
+        raise ValueError(f"many-queues needs 1 <= queues <= messages, got {queues} and {total}")
+    tracker = Tracker()
+    result: dict[str, Any] = {"queues": queues, "consumers": 2 * queues, "messages": total}
+
+    def mq_handle(mid: int) -> None:
+        tracker.processed(mid, None, time.time())
+
+    with broker_case(case["setup"], "mq", connections_needed=connections_needed(case)) as bc:
+        actors = [dramatiq.actor(mq_handle, actor_name=f"mq_handle_{k}", queue_name=f"mq-{k}",
+                                 broker=bc.broker, max_retries=0) for k in range(queues)]
+        sent0 = time.perf_counter()
+        for mid in range(total):
+            try:
+                actors[mid % queues].send(mid)
+            except Exception as exc:  # noqa: BLE001 - counted as a failed send
+                tracker.send_failed(mid, f"{type(exc).__name__}: {exc}")
+            else:
+                tracker.sent(mid)
+        result["send_s"] = round(time.perf_counter() - sent0, 3)
+        sent = tracker.n_sent
+        worker = dramatiq.Worker(bc.broker, worker_threads=int(case["worker_threads"]),
+                                 worker_timeout=WORKER_TIMEOUT_MS)
+        started = time.perf_counter()
+        worker.start()
+        try:
+            processed = poll(lambda: tracker.n_processed, lambda n: n >= sent,
+                             float(case["timeout_s"]), 0.01)
+            elapsed = time.perf_counter() - started
+            # Every consumer is up and holds its connection or channel: count them now.
+            bc.sampler.sample()
+            result["server_connections_all_up"] = bc.count_server_connections()
+        finally:
+            stop0 = time.perf_counter()
+            worker.stop(timeout=30_000)
+            result["stop_s"] = round(time.perf_counter() - stop0, 3)
+    result.update(bc.figures())
+    comparison = tracker.comparison()
+    result.update({key: comparison[key] for key in
+                   ("sent", "processed", "lost", "duplicated", "unexpected", "send_failures",
+                    "send_errors")})
+    result["seconds"] = round(elapsed, 3)
+    result["throughput"] = round(processed / elapsed, 1) if elapsed > 0 else None
+    if processed < sent:
+        raise RuntimeError(f"processed {processed} of {sent} messages in {elapsed:.1f} s: {result}")
+    return result

@@ -1,0 +1,160 @@
+"""Thread churn: many short-lived threads, each sending one message and ending (issue 16).
+
+A thread-per-request server (``socketserver.ThreadingMixIn``, a WSGI server's handler threads)
+sends from threads that live for one request. ``RabbitmqBroker`` keeps a connection per thread
+that sent, in a thread-local that its set of connections keeps alive after the thread ended: the
+connections stay open until ``broker.close()``. ``KombuBroker``'s threads share its producer
+connection and give their channel back to the pool when they end.
+
+At most ``CONCURRENT`` request threads are alive at once; the main thread starts the next as one
+ends. Timed: from the first thread's start to the last one's end. Then counted: failed sends,
+the broker's connections and the vhost's channels still open (the broker not closed yet), and
+the messages in the queue against the sends that returned (``lost``).
+
+Bounds, so that the ``RabbitmqBroker`` case cannot stall the shared server (RabbitMQ 3.x stops
+answering handshakes at its socket limit, 832 sockets with ``ulimit -n`` 1024): it runs with as
+many threads as the server can spare keeping ``SOCKET_RESERVE`` sockets for other clients
+(``threads_run`` says how many; ``STRESS_OVER_SOCKET_LIMIT=1`` runs them all), no new thread
+starts after ``deadline_s``, and ``broker.close()`` plus a force-close of the vhost's connections
+(:mod:`stress.broker_case`) end what it left open.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import dramatiq
+
+from stress import rabbit_admin
+from stress.broker_case import CHECK_ABOVE, broker_case, forced_over_socket_limit
+from stress.common import socket_headroom
+from stress.polling import poll
+
+NAME = "thread-churn"
+TITLE = "Thread churn: short-lived threads sending one message each (thread-per-request server)"
+COLUMNS = [
+    ("threads_run", "threads"),
+    ("seconds", "s"),
+    ("throughput", "sends/s"),
+    ("failed", "failed sends"),
+    ("connections", "peak connections"),
+    ("open_after", "connections open after"),
+    ("channels_after", "channels open after"),
+    ("lost", "lost"),
+    ("rss_mb", "peak RSS MiB"),
+]
+HEADLINE = "throughput"
+HIGHER_IS_BETTER = True
+
+#: Request threads alive at once.
+CONCURRENT = 8
+QUEUE = "churn"
+#: Sockets of the server the RabbitmqBroker case leaves to other clients: its connections stay
+#: open for the whole case, and the server is shared.
+SOCKET_RESERVE = 300
+#: How long the sent messages may take to show in the server's queue count.
+COUNT_GRACE_S = 15.0
+
+
+def cases(quick: bool) -> list[dict[str, Any]]:
+    threads = 50 if quick else 1000
+    deadline = 60.0 if quick else 300.0
+    return [{"setup": setup, "label": f"{threads:,} threads", "threads": threads,
+             "concurrent": CONCURRENT, "deadline_s": deadline}
+            for setup in ("rabbitmq", "kombu")]
+
+
+def threads_to_run(case: dict[str, Any]) -> tuple[int, str | None]:
+    """How many threads the case may run, and why fewer than asked (None: all of them).
+
+    RabbitmqBroker holds a connection per thread that sent, plus the one of the main thread.
+    """
+    wanted = int(case["threads"])
+    if case["setup"] != "rabbitmq" or wanted + 1 <= CHECK_ABOVE or forced_over_socket_limit():
+        return wanted, None
+    headroom = socket_headroom(SOCKET_RESERVE)
+    if headroom is None or wanted + 1 <= headroom[0]:
+        return wanted, None
+    allowed = max(0, headroom[0] - 1)
+    return allowed, f"capped from {wanted} to {allowed} threads: {headroom[1]}"
+
+
+def churn_request(index: int) -> None:
+    """The actor the requests send to (never run: the case counts the queue's messages)."""
+
+
+def _churn(actor: dramatiq.Actor, threads: int, concurrent: int,
+           deadline_s: float) -> dict[str, Any]:
+    """Run ``threads`` request threads, at most ``concurrent`` alive; count what went wrong."""
+    slots = threading.BoundedSemaphore(concurrent)
+    lock = threading.Lock()  # guards failures and alive
+    failures: list[str] = []
+    ended = threading.Event()  # set while no request thread is alive
+    ended.set()
+    alive = [0]  # request threads started and not ended; guarded by lock
+
+    def request(index: int) -> None:
+        try:
+            actor.send(index)
+        except Exception as exc:  # noqa: BLE001 - a failed send is a figure
+            with lock:
+                failures.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            with lock:
+                alive[0] -= 1
+                if not alive[0]:
+                    ended.set()
+            slots.release()
+
+    started = time.perf_counter()
+    limit = started + deadline_s
+    launched = 0
+    for index in range(threads):
+        if not slots.acquire(timeout=max(0.0, limit - time.perf_counter())):
+            break
+        with lock:
+            alive[0] += 1
+            ended.clear()
+        threading.Thread(target=request, args=(index,), name=f"request-{index}",
+                         daemon=True).start()
+        launched += 1
+    finished = ended.wait(max(0.0, limit - time.perf_counter()) + 30)
+    elapsed = time.perf_counter() - started
+    with lock:
+        errors = list(failures)
+        still_alive = alive[0]
+    if not finished:
+        raise RuntimeError(f"{still_alive} request threads still sending {elapsed:.0f} s after "
+                           f"the first started ({launched} of {threads} launched)")
+    return {"launched": launched, "not_launched": threads - launched, "failed": len(errors),
+            "errors": errors[:3], "seconds": round(elapsed, 3),
+            "throughput": round(launched / elapsed, 1) if elapsed > 0 else None}
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    threads, capped = threads_to_run(case)
+    if threads < 1:
+        raise ValueError(f"thread-churn needs at least one thread; {capped or case}")
+    result: dict[str, Any] = {"threads": int(case["threads"]), "threads_run": threads,
+                              "capped": capped}
+    with broker_case(case["setup"], "churn", connections_needed=2) as bc:
+        actor = dramatiq.actor(churn_request, queue_name=QUEUE, broker=bc.broker, max_retries=0)
+        result.update(_churn(actor, threads, int(case["concurrent"]),
+                             float(case["deadline_s"])))
+        # Every request thread has ended; the broker is still open, as in a server that lives on.
+        bc.sampler.sample()
+        result["open_after"] = bc.count_server_connections()
+        result["channels_after"] = bc.count_channels()
+        delivered = result["launched"] - result["failed"]
+        in_queue = poll(lambda: _messages(bc.vhost), lambda n: n >= delivered, COUNT_GRACE_S, 0.5)
+        result["in_queue"] = in_queue
+        result["lost"] = max(0, delivered - in_queue)
+    result.update(bc.figures())
+    return result
+
+
+def _messages(vhost: str) -> int:
+    row = rabbit_admin.queue_details(vhost).get(QUEUE)
+    return int(row.get("messages") or 0) if row else 0
