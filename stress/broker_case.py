@@ -49,18 +49,20 @@ class NotEnoughSockets(RuntimeError):
     """The case would take the server past its socket limit (and stall every other client)."""
 
 
-def forced_over_socket_limit() -> bool:
-    return os.environ.get(FORCE_ENV) == "1"
+def forced_over_socket_limit(case: dict[str, Any]) -> bool:
+    """True when the case may go past the server's spare sockets (``"force"`` or FORCE_ENV)."""
+    return bool(case.get("force")) or os.environ.get(FORCE_ENV) == "1"
 
 
-def require_sockets(needed: int) -> None:
-    """Raise :class:`NotEnoughSockets` when the server cannot spare ``needed`` connections."""
-    if needed <= CHECK_ABOVE or forced_over_socket_limit():
-        return
+def socket_shortage(needed: int, case: dict[str, Any]) -> str | None:
+    """Why the server cannot spare ``needed`` connections for ``case`` now (None: it can)."""
+    if needed <= CHECK_ABOVE or forced_over_socket_limit(case):
+        return None
     headroom = socket_headroom()
     if headroom is not None and needed > headroom[0]:
-        raise NotEnoughSockets(f"needs ~{needed} connections ({headroom[1]}); set {FORCE_ENV}=1 "
-                               "to run it anyway, see stress/README.md \"RabbitMQ's socket limit\"")
+        return (f"needs ~{needed} connections ({headroom[1]}); set {FORCE_ENV}=1 to run it "
+                "anyway, see stress/README.md \"RabbitMQ's socket limit\"")
+    return None
 
 
 @dataclass
@@ -106,14 +108,19 @@ class BrokerCase:
 
 
 @contextlib.contextmanager
-def broker_case(setup: str, tag: str, *, connections_needed: int) -> Iterator[BrokerCase]:
-    """A ``setup`` broker ("kombu" or "rabbitmq", ``confirm_delivery=True``) in a new vhost.
+def broker_case(case: dict[str, Any], tag: str, *, connections_needed: int
+                ) -> Iterator[BrokerCase]:
+    """A ``case["setup"]`` broker ("kombu" or "rabbitmq", ``confirm_delivery=True``) in a new
+    vhost; :class:`NotEnoughSockets` if the server cannot spare ``connections_needed``.
 
     The server is polled for connections only when the case asks
     (:meth:`BrokerCase.count_server_connections`), not in the background: a ``rabbitmqctl`` call
     costs about a CPU-second, which would weigh on the timed part of a case on a 2-CPU machine.
     """
-    require_sockets(connections_needed)
+    shortage = socket_shortage(connections_needed, case)
+    if shortage:
+        raise NotEnoughSockets(shortage)
+    setup = case["setup"]
     logs = LogCounter()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger().addHandler(logs)

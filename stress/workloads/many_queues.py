@@ -18,7 +18,8 @@ from typing import Any
 
 import dramatiq
 
-from stress.broker_case import broker_case
+from stress.broker_case import broker_case, socket_shortage
+from stress.common import fmt_rate
 from stress.polling import poll
 from stress.workload import Tracker
 
@@ -38,6 +39,11 @@ COLUMNS = [
 ]
 HEADLINE = "seconds"
 HIGHER_IS_BETTER = False
+SETUP_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)"}
+FORMATS = {"seconds": lambda v: f"{v:.2f}", "throughput": fmt_rate,
+           "rss_mb": lambda v: f"{v:.0f}"}
+AGGREGATE = {"connections": "max", "server_connections": "max", "open_after_close": "max",
+             "lost": "sum", "duplicated": "sum", "send_failures": "sum"}
 
 #: dramatiq's default; the threads that process, not the consumers.
 WORKER_THREADS = 8
@@ -50,13 +56,34 @@ PROCESS_TIMEOUT_S = {True: 60.0, False: 300.0}
 def cases(quick: bool) -> list[dict[str, Any]]:
     queues, messages = (10, 200) if quick else (200, 4000)
     return [{"setup": setup, "label": f"{queues} queues", "queues": queues, "messages": messages,
-             "worker_threads": WORKER_THREADS, "timeout_s": PROCESS_TIMEOUT_S[quick]}
+             "worker_threads": WORKER_THREADS, "timeout": PROCESS_TIMEOUT_S[quick]}
             for setup in ("rabbitmq", "kombu")]
 
 
 def connections_needed(case: dict[str, Any]) -> int:
     """RabbitmqBroker: one per consumer and the sending main thread; KombuBroker: two."""
     return 2 * case["queues"] + 1 if case["setup"] == "rabbitmq" else 2
+
+
+def skip(case: dict[str, Any]) -> str | None:
+    """Why not to run ``case`` now: the server cannot spare its connections."""
+    return socket_shortage(connections_needed(case), case)
+
+
+def notes(planned: list[dict[str, Any]]) -> list[str]:
+    first = planned[0]
+    return [
+        f"{first['messages']:,} messages spread evenly over {first['queues']} queues, one actor "
+        f"per queue, sent from the main thread before the clock starts; then a "
+        f"`dramatiq.Worker(worker_threads={first['worker_threads']})` is timed from `start()` "
+        "to the last message processed (consumer start-up included). dramatiq consumes each "
+        "queue and its delay queue: 2 consumers a queue.",
+        "peak connections: TCP connections of the case's process to the AMQP port (psutil); "
+        "server-side: the broker's connections by connection name (rabbitmqctl) once every "
+        "consumer is up; left open: still listed 10 s after `broker.close()` (then "
+        "force-closed). Both brokers `confirm_delivery=True`. A case needing more connections "
+        "than the server can spare is skipped (stress/README.md, RabbitMQ's socket limit).",
+    ]
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +96,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     def mq_handle(mid: int) -> None:
         tracker.processed(mid, None, time.time())
 
-    with broker_case(case["setup"], "mq", connections_needed=connections_needed(case)) as bc:
+    with broker_case(case, "mq", connections_needed=connections_needed(case)) as bc:
         actors = [dramatiq.actor(mq_handle, actor_name=f"mq_handle_{k}", queue_name=f"mq-{k}",
                                  broker=bc.broker, max_retries=0) for k in range(queues)]
         sent0 = time.perf_counter()
@@ -88,7 +115,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         worker.start()
         try:
             processed = poll(lambda: tracker.n_processed, lambda n: n >= sent,
-                             float(case["timeout_s"]), 0.01)
+                             float(case["timeout"]), 0.01)
             elapsed = time.perf_counter() - started
             # Every consumer is up and holds its connection or channel: count them now.
             bc.sampler.sample()

@@ -28,8 +28,8 @@ from typing import Any
 import dramatiq
 
 from stress import rabbit_admin
-from stress.broker_case import CHECK_ABOVE, broker_case, forced_over_socket_limit
-from stress.common import socket_headroom
+from stress.broker_case import CHECK_ABOVE, FORCE_ENV, broker_case, forced_over_socket_limit
+from stress.common import fmt_rate, socket_headroom
 from stress.polling import poll
 
 NAME = "thread-churn"
@@ -47,6 +47,11 @@ COLUMNS = [
 ]
 HEADLINE = "throughput"
 HIGHER_IS_BETTER = True
+SETUP_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)"}
+FORMATS = {"seconds": lambda v: f"{v:.2f}", "throughput": fmt_rate,
+           "rss_mb": lambda v: f"{v:.0f}"}
+AGGREGATE = {"connections": "max", "open_after": "max", "channels_after": "max",
+             "failed": "sum", "lost": "sum"}
 
 #: Request threads alive at once.
 CONCURRENT = 8
@@ -61,8 +66,9 @@ COUNT_GRACE_S = 15.0
 def cases(quick: bool) -> list[dict[str, Any]]:
     threads = 50 if quick else 1000
     deadline = 60.0 if quick else 300.0
+    # "timeout" (the runner's bound on the child): the deadline, the last sends, the counting.
     return [{"setup": setup, "label": f"{threads:,} threads", "threads": threads,
-             "concurrent": CONCURRENT, "deadline_s": deadline}
+             "concurrent": CONCURRENT, "deadline_s": deadline, "timeout": deadline + 60}
             for setup in ("rabbitmq", "kombu")]
 
 
@@ -72,13 +78,29 @@ def threads_to_run(case: dict[str, Any]) -> tuple[int, str | None]:
     RabbitmqBroker holds a connection per thread that sent, plus the one of the main thread.
     """
     wanted = int(case["threads"])
-    if case["setup"] != "rabbitmq" or wanted + 1 <= CHECK_ABOVE or forced_over_socket_limit():
+    if (case["setup"] != "rabbitmq" or wanted + 1 <= CHECK_ABOVE
+            or forced_over_socket_limit(case)):
         return wanted, None
     headroom = socket_headroom(SOCKET_RESERVE)
     if headroom is None or wanted + 1 <= headroom[0]:
         return wanted, None
     allowed = max(0, headroom[0] - 1)
     return allowed, f"capped from {wanted} to {allowed} threads: {headroom[1]}"
+
+
+def notes(planned: list[dict[str, Any]]) -> list[str]:
+    first = planned[0]
+    return [
+        f"{first['threads']:,} threads, each started, sending one message and ending, at most "
+        f"{first['concurrent']} alive at once (a thread-per-request server); timed from the "
+        "first start to the last end. Open after: the broker's connections (server-side, by "
+        "connection name) and the vhost's channels once every thread has ended, the broker "
+        "still open. lost: sends that returned against the messages in the queue.",
+        f"RabbitmqBroker keeps a connection per thread that sent: its case runs only as many "
+        f"threads as the server can spare keeping {SOCKET_RESERVE} sockets for other clients "
+        "(the threads column; RabbitMQ 3.x stalls every client at its socket limit, "
+        f"stress/README.md), unless `{FORCE_ENV}=1`. Both brokers `confirm_delivery=True`.",
+    ]
 
 
 def churn_request(index: int) -> None:
@@ -139,7 +161,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"thread-churn needs at least one thread; {capped or case}")
     result: dict[str, Any] = {"threads": int(case["threads"]), "threads_run": threads,
                               "capped": capped}
-    with broker_case(case["setup"], "churn", connections_needed=2) as bc:
+    with broker_case(case, "churn", connections_needed=2) as bc:
         actor = dramatiq.actor(churn_request, queue_name=QUEUE, broker=bc.broker, max_retries=0)
         result.update(_churn(actor, threads, int(case["concurrent"]),
                              float(case["deadline_s"])))
