@@ -28,6 +28,7 @@ TITLE = "Many queues consumed at once (a dramatiq Worker on N queues, 2 consumer
 COLUMNS = [
     ("seconds", "s to process all"),
     ("throughput", "msg/s"),
+    ("cpu_ms_per_msg", "client CPU ms/msg"),
     ("consumers", "consumers"),
     ("connections", "peak connections"),
     ("server_connections", "server-side connections"),
@@ -41,7 +42,7 @@ HEADLINE = "seconds"
 HIGHER_IS_BETTER = False
 SETUP_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)"}
 FORMATS = {"seconds": lambda v: f"{v:.2f}", "throughput": fmt_rate,
-           "rss_mb": lambda v: f"{v:.0f}"}
+           "cpu_ms_per_msg": lambda v: f"{v:.2f}", "rss_mb": lambda v: f"{v:.0f}"}
 AGGREGATE = {"connections": "max", "server_connections": "max", "open_after_close": "max",
              "lost": "sum", "duplicated": "sum", "send_failures": "sum"}
 
@@ -74,15 +75,17 @@ def notes(planned: list[dict[str, Any]]) -> list[str]:
     first = planned[0]
     return [
         f"{first['messages']:,} messages spread evenly over {first['queues']} queues, one actor "
-        f"per queue, sent from the main thread before the clock starts; then a "
+        "per queue, sent from the main thread before the clock starts; then a "
         f"`dramatiq.Worker(worker_threads={first['worker_threads']})` is timed from `start()` "
         "to the last message processed (consumer start-up included). dramatiq consumes each "
         "queue and its delay queue: 2 consumers a queue.",
-        "peak connections: TCP connections of the case's process to the AMQP port (psutil); "
-        "server-side: the broker's connections by connection name (rabbitmqctl) once every "
-        "consumer is up; left open: still listed 10 s after `broker.close()` (then "
-        "force-closed). Both brokers `confirm_delivery=True`. A case needing more connections "
-        "than the server can spare is skipped (stress/README.md, RabbitMQ's socket limit).",
+        "client CPU: user+system time of the case's process while the Worker processed, per "
+        "message (steadier than wall time on a loaded machine). peak connections: TCP "
+        "connections of the case's process to the AMQP port (psutil); server-side: the "
+        "broker's connections by connection name (rabbitmqctl) once every consumer is up; "
+        "left open: still listed 10 s after `broker.close()` (then force-closed). Both brokers "
+        "`confirm_delivery=True`. A case needing more connections than the server can spare "
+        "is skipped (stress/README.md, RabbitMQ's socket limit).",
     ]
 
 
@@ -111,12 +114,12 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         sent = tracker.n_sent
         worker = dramatiq.Worker(bc.broker, worker_threads=int(case["worker_threads"]),
                                  worker_timeout=WORKER_TIMEOUT_MS)
-        started = time.perf_counter()
+        started, cpu0 = time.perf_counter(), time.process_time()
         worker.start()
         try:
             processed = poll(lambda: tracker.n_processed, lambda n: n >= sent,
                              float(case["timeout"]), 0.01)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
             # Every consumer is up and holds its connection or channel: count them now.
             bc.sampler.sample()
             result["server_connections_all_up"] = bc.count_server_connections()
@@ -131,6 +134,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                     "send_errors")})
     result["seconds"] = round(elapsed, 3)
     result["throughput"] = round(processed / elapsed, 1) if elapsed > 0 else None
+    result["cpu_ms_per_msg"] = round(1000 * cpu / processed, 3) if processed else None
     if processed < sent:
         raise RuntimeError(f"processed {processed} of {sent} messages in {elapsed:.1f} s: {result}")
     return result

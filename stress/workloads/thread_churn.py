@@ -38,6 +38,7 @@ COLUMNS = [
     ("threads_run", "threads"),
     ("seconds", "s"),
     ("throughput", "sends/s"),
+    ("cpu_ms_per_send", "client CPU ms/send"),
     ("failed", "failed sends"),
     ("connections", "peak connections"),
     ("open_after", "connections open after"),
@@ -49,7 +50,7 @@ HEADLINE = "throughput"
 HIGHER_IS_BETTER = True
 SETUP_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)"}
 FORMATS = {"seconds": lambda v: f"{v:.2f}", "throughput": fmt_rate,
-           "rss_mb": lambda v: f"{v:.0f}"}
+           "cpu_ms_per_send": lambda v: f"{v:.2f}", "rss_mb": lambda v: f"{v:.0f}"}
 AGGREGATE = {"connections": "max", "open_after": "max", "channels_after": "max",
              "failed": "sum", "lost": "sum"}
 
@@ -95,7 +96,8 @@ def notes(planned: list[dict[str, Any]]) -> list[str]:
         f"{first['concurrent']} alive at once (a thread-per-request server); timed from the "
         "first start to the last end. Open after: the broker's connections (server-side, by "
         "connection name) and the vhost's channels once every thread has ended, the broker "
-        "still open. lost: sends that returned against the messages in the queue.",
+        "still open. lost: sends that returned against the messages in the queue. client CPU: "
+        "user+system time of the case's process over the churn, per send.",
         f"RabbitmqBroker keeps a connection per thread that sent: its case runs only as many "
         f"threads as the server can spare keeping {SOCKET_RESERVE} sockets for other clients "
         "(the threads column; RabbitMQ 3.x stalls every client at its socket limit, "
@@ -130,7 +132,7 @@ def _churn(actor: dramatiq.Actor, threads: int, concurrent: int,
                     ended.set()
             slots.release()
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     limit = started + deadline_s
     launched = 0
     for index in range(threads):
@@ -143,7 +145,7 @@ def _churn(actor: dramatiq.Actor, threads: int, concurrent: int,
                          daemon=True).start()
         launched += 1
     finished = ended.wait(max(0.0, limit - time.perf_counter()) + 30)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
     with lock:
         errors = list(failures)
         still_alive = alive[0]
@@ -152,7 +154,8 @@ def _churn(actor: dramatiq.Actor, threads: int, concurrent: int,
                            f"the first started ({launched} of {threads} launched)")
     return {"launched": launched, "not_launched": threads - launched, "failed": len(errors),
             "errors": errors[:3], "seconds": round(elapsed, 3),
-            "throughput": round(launched / elapsed, 1) if elapsed > 0 else None}
+            "throughput": round(launched / elapsed, 1) if elapsed > 0 else None,
+            "cpu_ms_per_send": round(1000 * cpu / launched, 3) if launched else None}
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
