@@ -20,7 +20,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
@@ -80,10 +80,10 @@ class BrokerCase:
     #: Server-side connections by name still listed CLOSE_GRACE_S after ``broker.close()``.
     open_after_close: int | None = None
     force_closed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def count_server_connections(self) -> int:
-        """The broker's connections on the server now (by connection name; ~1 s a call)."""
+        """The broker's connections on the server now (by connection name; ~1 s a call);
+        -1 when rabbitmqctl has not answered yet."""
         self.server.poll()
         return self.server.last if self.server.last is not None else -1
 
@@ -103,7 +103,6 @@ class BrokerCase:
             "peak_threads": self.sampler.peak_threads,
             "log_warnings": self.logs.count,
             "log_first": self.logs.first[:2],
-            **self.extra,
         }
 
 
@@ -129,19 +128,19 @@ def broker_case(case: dict[str, Any], tag: str, *, connections_needed: int
             url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
             name = f"{tag}-{setup}-{uuid.uuid4().hex[:6]}"
             sampler = ProcessSampler(amqp_port(url)).start()
-            case = BrokerCase(setup, vhost, url, name, make_broker(setup, url, name), sampler,
-                              ServerConnectionPoller(vhost, name), logs)
+            bc = BrokerCase(setup, vhost, url, name, make_broker(setup, url, name), sampler,
+                            ServerConnectionPoller(vhost, name), logs)
             try:
-                yield case
+                yield bc
             finally:
                 try:
-                    case.broker.close()
+                    bc.broker.close()
                 finally:
                     sampler.stop()
-                    case.open_after_close = poll(case.count_server_connections,
-                                                 lambda n: n == 0, CLOSE_GRACE_S, 0.5)
-                    if case.open_after_close:
-                        case.force_closed = rabbit_admin.close_all_connections(
+                    bc.open_after_close = poll(bc.count_server_connections,
+                                               lambda n: n == 0, CLOSE_GRACE_S, 0.5)
+                    if bc.open_after_close:
+                        bc.force_closed = rabbit_admin.close_all_connections(
                             "left open by a stress case", vhost=vhost)
     finally:
         logging.getLogger().removeHandler(logs)

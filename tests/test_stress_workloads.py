@@ -3,13 +3,15 @@ sane figures: nothing lost, at most the broker's two connections, nothing left o
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from stress.workloads import many_queues, thread_churn
 
 
-def kombu_case(module: Any) -> dict[str, Any]:
-    (case,) = [c for c in module.cases(quick=True) if c["setup"] == "kombu"]
+def kombu_case(module: ModuleType) -> dict[str, Any]:
+    cases: list[dict[str, Any]] = module.cases(quick=True)
+    (case,) = [c for c in cases if c["setup"] == "kombu"]
     return case
 
 

@@ -100,8 +100,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         tracker.processed(mid, None, time.time())
 
     with broker_case(case, "mq", connections_needed=connections_needed(case)) as bc:
-        actors = [dramatiq.actor(mq_handle, actor_name=f"mq_handle_{k}", queue_name=f"mq-{k}",
-                                 broker=bc.broker, max_retries=0) for k in range(queues)]
+        actors = [dramatiq.actor(actor_name=f"mq_handle_{k}", queue_name=f"mq-{k}",
+                                 broker=bc.broker, max_retries=0)(mq_handle)
+                  for k in range(queues)]
         sent0 = time.perf_counter()
         for mid in range(total):
             try:

@@ -109,7 +109,7 @@ def churn_request(index: int) -> None:
     """The actor the requests send to (never run: the case counts the queue's messages)."""
 
 
-def _churn(actor: dramatiq.Actor, threads: int, concurrent: int,
+def _churn(actor: dramatiq.Actor[[int], None], threads: int, concurrent: int,
            deadline_s: float) -> dict[str, Any]:
     """Run ``threads`` request threads, at most ``concurrent`` alive; count what went wrong."""
     slots = threading.BoundedSemaphore(concurrent)
@@ -165,7 +165,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"threads": int(case["threads"]), "threads_run": threads,
                               "capped": capped}
     with broker_case(case, "churn", connections_needed=2) as bc:
-        actor = dramatiq.actor(churn_request, queue_name=QUEUE, broker=bc.broker, max_retries=0)
+        actor = dramatiq.actor(queue_name=QUEUE, broker=bc.broker, max_retries=0)(churn_request)
         result.update(_churn(actor, threads, int(case["concurrent"]),
                              float(case["deadline_s"])))
         # Every request thread has ended; the broker is still open, as in a server that lives on.
