@@ -1,0 +1,53 @@
+"""Benchmark workloads: one small module each, found by its ``NAME`` (contract: /WORKLOADS.md).
+
+A module here defines ``NAME``, ``TITLE``, ``COLUMNS``, ``HEADLINE``, ``HIGHER_IS_BETTER``,
+``cases(quick)`` and ``run_case(case)``; ``stress.runner`` runs its cases and ``stress.report``
+writes ``stress/results/<NAME>.md`` and ``.json``. Optional, for the runner:
+``session(cases)`` (a context manager around all cases whose dict is merged into every case,
+e.g. one vhost or a TLS endpoint for the whole run) and ``skip(case)`` (a reason not to run a
+case, shown as skipped). Optional, for the report: ``SETUP_LABELS``, ``FORMATS``,
+``AGGREGATE``, ``PLOTS`` with ``PLOT_X``, ``notes(cases)`` and ``row_note(runs)`` (see
+``stress.report``).
+"""
+
+from __future__ import annotations
+
+import pkgutil
+from importlib import import_module
+from types import ModuleType
+
+REQUIRED = ("NAME", "TITLE", "COLUMNS", "HEADLINE", "HIGHER_IS_BETTER", "cases", "run_case")
+
+
+def check(module: ModuleType) -> ModuleType:
+    """``module`` if it has what the contract asks; else a ValueError naming what is missing."""
+    missing = [name for name in REQUIRED if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"workload module {module.__name__} lacks {', '.join(missing)}")
+    keys = [key for key, _ in module.COLUMNS]
+    if module.HEADLINE not in keys:
+        raise ValueError(f"workload {module.NAME!r}: HEADLINE {module.HEADLINE!r} is not one "
+                         f"of its COLUMNS keys {keys}")
+    return module
+
+
+def discover() -> dict[str, ModuleType]:
+    """Every workload module of this package, by NAME, in module name order."""
+    found: dict[str, ModuleType] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = check(import_module(f"{__name__}.{info.name}"))
+        if module.NAME in found:
+            raise ValueError(f"two workloads are called {module.NAME!r}: "
+                             f"{found[module.NAME].__name__} and {module.__name__}")
+        found[module.NAME] = module
+    return found
+
+
+def load(name: str) -> ModuleType:
+    """The workload called ``name``; a ValueError listing the known names if there is none."""
+    known = discover()
+    if name not in known:
+        raise ValueError(f"no workload called {name!r}; known: {', '.join(known) or 'none'}")
+    return known[name]
