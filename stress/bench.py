@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from stress import runner
 from stress.cluster_faults import cluster_bench_defaults
-from stress.common import int_list
+from stress.common import choice_list, int_list
 from stress.workloads import brokers
 
 MODULE = "stress.bench"
@@ -51,36 +50,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds per send-the-next case (default 15)")
     parser.add_argument("--workloads", default="enqueue,drain,chain",
                         help="comma-separated subset of enqueue,drain,chain")
-    parser.add_argument("--force-over-socket-limit", action="store_true",
+    parser.add_argument("--force-over-socket-limit", dest="force", action="store_true",
                         help="run cases even when they exceed the server's spare sockets")
     parser.add_argument("--output", default=None, help="markdown output file (default "
                         "stress/results/bench.md; --cluster: bench-cluster.md)")
     args = parser.parse_args(argv)
     if args.cluster:
         cluster_bench_defaults(args)
-    args.brokers = tuple(b.strip() for b in (args.brokers or "kombu,rabbitmq").split(",")
-                         if b.strip())
-    if set(args.brokers) - set(brokers.SETUP_LABELS):
-        parser.error(f"--brokers takes {', '.join(brokers.SETUP_LABELS)}")
-    args.workloads = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
-    if set(args.workloads) - set(brokers.SERIES):
-        parser.error("--workloads takes enqueue, drain and/or chain")
+    try:
+        args.brokers = choice_list(args.brokers or "kombu,rabbitmq", brokers.SETUP_LABELS,
+                                   "--brokers")
+        args.workloads = choice_list(args.workloads, brokers.SERIES, "--workloads")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    cases = brokers.cases(
-        args.quick, brokers=args.brokers, series=args.workloads, cluster=args.cluster,
-        force=args.force_over_socket_limit, enqueue_threads=args.enqueue_threads,
-        enqueue_messages=args.enqueue_messages, drain_threads=args.drain_threads,
-        drain_messages=args.drain_messages, chain_threads=args.chain_threads,
-        duration=args.duration)
-    output = Path(args.output) if args.output else (
-        runner.results_dir(args.quick) / f"{brokers.NAME}.md")
-    return runner.run(brokers, cases, repeat=args.repeat or (1 if args.quick else 3),
-                      output=output, command=" ".join(["python -m", MODULE, *argv]))
+    return runner.run_options(brokers, parse_args(argv),
+                              command=" ".join(["python -m", MODULE, *argv]))
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated thread counts (default 1,8,50,200; quick 1,8)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="seconds of publishing per case (default 3; quick 1)")
-    parser.add_argument("--repeats", "--repeat", type=int, default=None,
+    parser.add_argument("--repeats", "--repeat", dest="repeat", type=int, default=None,
                         help="repeats (default 3; quick 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small cases, one repeat")
     args = parser.parse_args(argv)
-    cases = celery_publish.cases(args.quick, threads=args.threads, seconds=args.seconds)
-    return runner.run(celery_publish, cases, repeat=args.repeats or (1 if args.quick else 3),
-                      output=runner.results_dir(args.quick) / f"{celery_publish.NAME}.md",
-                      command=" ".join(["python -m", MODULE, *argv]))
+    return runner.run_options(celery_publish, args,
+                              command=" ".join(["python -m", MODULE, *argv]))
 
 
 if __name__ == "__main__":

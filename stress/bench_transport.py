@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from stress import runner
-from stress.common import int_list
+from stress.common import choice_list, int_list
 from stress.workloads import transport
 
 MODULE = "stress.bench_transport"
@@ -39,38 +38,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--persistent", action="store_true",
                         help="delivery_mode 2 (default: transient, to measure the client)")
     parser.add_argument("--confirm", choices=["both", "on", "off"], default="both")
-    parser.add_argument("--variants", default="shared,plain",
+    parser.add_argument("--variants", default=("shared", "plain"),
+                        type=lambda text: choice_list(text, transport.SETUP_LABELS, "--variants"),
                         help="comma-separated subset of shared,plain")
     parser.add_argument("--timeout", type=float, default=180, help="seconds per case (default 180)")
     parser.add_argument("--setup-timeout", type=float, default=60,
                         help="seconds to open connections/channels in a case (default 60)")
-    parser.add_argument("--force-over-socket-limit", action="store_true",
+    parser.add_argument("--force-over-socket-limit", dest="force", action="store_true",
                         help="run plain cases even when they exceed the server's spare sockets")
     parser.add_argument("--tls", action="store_true",
                         help="amqps:// through a local socat TLS endpoint")
     parser.add_argument("--output", help="markdown output file (default bench_transport.md, "
                         "with --tls bench_transport_tls.md, in stress/results)")
-    args = parser.parse_args(argv)
-    args.variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    if set(args.variants) - set(transport.SETUP_LABELS):
-        parser.error("--variants takes shared and/or plain")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    cases = transport.cases(
-        args.quick, variants=args.variants,
-        confirm_modes={"both": (False, True), "on": (True,), "off": (False,)}[args.confirm],
-        body_size=args.body_size, persistent=args.persistent, setup_timeout=args.setup_timeout,
-        timeout=args.timeout, tls=args.tls, force=args.force_over_socket_limit,
-        threads=args.threads, messages=args.messages, messages_confirm=args.messages_confirm)
-    name = f"{transport.NAME}_tls" if args.tls else transport.NAME
-    output = Path(args.output) if args.output else runner.results_dir(args.quick) / f"{name}.md"
-    return runner.run(transport, cases, repeat=args.repeat or (1 if args.quick else 3),
-                      output=output, command=" ".join(["python -m", MODULE, *argv]),
-                      title=transport.TITLE + (" over TLS" if args.tls else ""))
+    return runner.run_options(transport, args, command=" ".join(["python -m", MODULE, *argv]),
+                              name=f"{transport.NAME}_tls" if args.tls else None,
+                              title=transport.TITLE + (" over TLS" if args.tls else ""))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -71,6 +72,14 @@ def dedicated_vhost(tag: str, *, keep: bool = False) -> Iterator[str]:
                 rabbit_admin.delete_vhost(name)
             except rabbit_admin.RabbitmqctlError as exc:
                 print(f"warning: could not delete vhost {name}: {exc}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def vhost_session(tag: str) -> Iterator[dict[str, str]]:
+    """A :func:`dedicated_vhost` for a whole benchmark run: ``{"vhost": ..., "url": ...}``
+    (the URL of ``AMQP_URL``'s server for it), as a workload's ``session`` yields it."""
+    with dedicated_vhost(tag) as vhost:
+        yield {"vhost": vhost, "url": url_for_vhost(rabbit_admin.amqp_url(), vhost)}
 
 
 def server_sockets() -> dict[str, int] | None:
@@ -233,6 +242,18 @@ class ServerConnectionPoller:
 def int_list(text: str) -> list[int]:
     """An argparse type: ``"1,8,64"`` -> ``[1, 8, 64]``."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def choice_list(text: str, choices: Iterable[str], option: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``, each one of ``choices`` (an ArgumentTypeError naming
+    ``option`` and the choices otherwise)."""
+    allowed = list(choices)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    wrong = [n for n in names if n not in allowed]
+    if wrong or not names:
+        raise argparse.ArgumentTypeError(
+            f"{option} takes a comma-separated subset of {','.join(allowed)}, not {text!r}")
+    return names
 
 
 def split(total: int, parts: int) -> list[int]:

@@ -12,7 +12,8 @@ the same label. A case none of whose runs succeeded shows FAILED (or skipped) an
 Optional presentation attributes of a workload module:
 
 - ``SETUP_LABELS: dict[str, str]``: how a setup is named in the table;
-- ``FORMATS: dict[str, Callable[[Any], str]]``: how a figure is printed (default :func:`number`);
+- ``FORMATS: dict[str, Callable[[Any], str]]``: how a figure is printed, over
+  :data:`KEY_FORMATS` (the usual keys: ``rate``, latencies in s, bytes, µs) and :func:`number`;
 - ``AGGREGATE: dict[str, str]``: ``"median"`` (default), ``"max"`` or ``"sum"`` per key;
 - ``PLOTS: list[tuple[str, str, str, bool]]`` ``(file suffix, key, axis label, log scale)`` and
   ``PLOT_X`` (the case key on the x axis): one line per setup and case ``"series"``;
@@ -30,7 +31,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from stress.common import machine_line, markdown_table, short_error, write_result
+from stress.common import (
+    fmt_mib,
+    fmt_ms,
+    fmt_rate,
+    machine_line,
+    markdown_table,
+    short_error,
+    write_result,
+)
 from stress.runner import CaseRuns
 
 
@@ -115,8 +124,16 @@ def number(value: Any) -> str:
     return f"{value:.2f}" if abs(value) >= 1 else f"{value:.3g}"
 
 
+#: How the figures every workload names alike are printed: messages a second, latencies (p50,
+#: p95, p99, max, in seconds), bytes, CPU microseconds per operation.
+KEY_FORMATS: dict[str, Callable[[Any], str]] = {
+    "rate": fmt_rate, "p50": fmt_ms, "p95": fmt_ms, "p99": fmt_ms, "max": fmt_ms,
+    "peak_rss": fmt_mib, "rss": fmt_mib, "cpu_us": lambda v: f"{v:.0f} us",
+}
+
+
 def cell(workload: ModuleType, key: str, value: Any) -> str:
-    fmt: Callable[[Any], str] = getattr(workload, "FORMATS", {}).get(key, number)
+    fmt = getattr(workload, "FORMATS", {}).get(key) or KEY_FORMATS.get(key, number)
     return "—" if value is None else fmt(value)
 
 

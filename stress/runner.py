@@ -183,9 +183,11 @@ def summary_line(workload: ModuleType, result: Result) -> str:
                      for key, title in workload.COLUMNS)
 
 
-def run(workload: ModuleType, cases: Sequence[Case], *, repeat: int, output: Path,
-        command: str, timeout: float = DEFAULT_TIMEOUT, title: str | None = None) -> int:
-    """Run, write the report (``output`` .md, .json and plots beside it), print the table.
+def run(workload: ModuleType, cases: Sequence[Case], *, quick: bool, command: str,
+        repeat: int | None = None, output: str | Path | None = None, name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT, title: str | None = None) -> int:
+    """Run, write the report, print the table. ``repeat`` defaults to 3 (quick: 1), ``output``
+    to ``<results_dir(quick)>/<name or NAME>.md`` (.json and plots beside it).
 
     Exit status 1 when a run failed (a skip is not a failure), else 0.
     """
@@ -194,13 +196,25 @@ def run(workload: ModuleType, cases: Sequence[Case], *, repeat: int, output: Pat
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    repeat = repeat or (1 if quick else 3)
+    path = Path(output) if output else results_dir(quick) / f"{name or workload.NAME}.md"
     results = execute(workload, cases, repeat=repeat, timeout=timeout, progress=progress)
-    text, written = report.write(workload, results, output=output, command=command,
+    text, written = report.write(workload, results, output=path, command=command,
                                  repeat=repeat, title=title)
     print(text)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     failed = [r for runs in results for r in runs.runs if not r.get("ok") and not r.get("skipped")]
     return 1 if failed else 0
+
+
+def run_options(workload: ModuleType, args: argparse.Namespace, *, command: str,
+                **kwargs: Any) -> int:
+    """:func:`run` for a workload's own command line, whose options are named as the keywords
+    of its ``cases()``; ``quick``, ``repeat`` and ``output`` are the runner's."""
+    mine = {"quick": args.quick, "repeat": args.repeat, "output": getattr(args, "output", None)}
+    options = {k: v for k, v in vars(args).items() if k not in mine}
+    return run(workload, workload.cases(args.quick, **options), command=command, **mine,
+               **kwargs)
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -242,15 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.all == bool(args.names):
         parser.error("name one or more workloads, or give --all")
     chosen = list(known.values()) if args.all else [workloads.load(n) for n in args.names]
-    repeat = args.repeat or (1 if args.quick else 3)
     status = 0
     for module in chosen:
         print(f"== {module.NAME}: {module.TITLE}", file=sys.stderr, flush=True)
         command = " ".join(["python -m stress.runner", module.NAME]
-                           + (["--quick"] if args.quick else []) + [f"--repeat {repeat}"])
-        status |= run(module, module.cases(args.quick), repeat=repeat,
-                      output=results_dir(args.quick) / f"{module.NAME}.md", command=command,
-                      timeout=args.timeout)
+                           + (["--quick"] if args.quick else [])
+                           + ([f"--repeat {args.repeat}"] if args.repeat else []))
+        status |= run(module, module.cases(args.quick), quick=args.quick, repeat=args.repeat,
+                      command=command, timeout=args.timeout)
     return status
 
 

@@ -28,20 +28,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dramatiq_kombu_broker.topology import declarations, queue_arguments
-from stress import cluster_faults, rabbit_admin
+from stress import cluster_faults
 from stress import workload as hops
 from stress.common import (
     ProcessSampler,
     amqp_port,
-    dedicated_vhost,
-    fmt_mib,
-    fmt_ms,
-    fmt_rate,
     fmt_threads,
     latency_summary,
     socket_headroom,
     split,
-    url_for_vhost,
+    vhost_session,
 )
 from stress.polling import poll
 from stress.start_line import race, time_calls
@@ -56,8 +52,7 @@ HEADLINE = "rate"
 HIGHER_IS_BETTER = True
 SETUP_LABELS = {"kombu": "KombuBroker", "rabbitmq": "RabbitmqBroker (pika)",
                 "kombu-quorum": "KombuBroker (quorum queues)"}
-FORMATS = {"rate": fmt_rate, "p50": fmt_ms, "p99": fmt_ms, "peak_rss": fmt_mib,
-           "peak_threads": lambda v: f"{v:.0f}", "cpu_per_1k": lambda v: f"{v:.2f}"}
+FORMATS = {"peak_threads": lambda v: f"{v:.0f}", "cpu_per_1k": lambda v: f"{v:.2f}"}
 AGGREGATE = {"connections": "max", "lost": "sum", "duplicated": "sum"}
 PLOT_X = "threads"
 PLOTS = [("throughput", "rate", "messages / s", False),
@@ -73,24 +68,24 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 
 
 def cases(quick: bool, *, brokers: tuple[str, ...] = ("kombu", "rabbitmq"),
-          series: tuple[str, ...] = tuple(SERIES), cluster: bool = False, force: bool = False,
+          workloads: tuple[str, ...] = tuple(SERIES), cluster: bool = False, force: bool = False,
           **sizes: Any) -> list[dict[str, Any]]:
     """Every case of one repeat; ``sizes`` override :data:`DEFAULTS` (None: the default)."""
     unknown = set(sizes) - set(DEFAULTS) or set(brokers) - set(SETUP_LABELS) or (
-        set(series) - set(SERIES))
+        set(workloads) - set(SERIES))
     if unknown:
-        raise ValueError(f"unknown option, broker or series: {sorted(unknown)}")
+        raise ValueError(f"unknown option, broker or workload: {sorted(unknown)}")
     size = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
             for k, v in DEFAULTS.items()}
     wait = 45 if quick else 180
     shapes = []
-    if "enqueue" in series:
+    if "enqueue" in workloads:
         shapes += [("enqueue", t, {"messages": size["enqueue_messages"], "timeout": wait})
                    for t in size["enqueue_threads"]]
-    if "drain" in series:
+    if "drain" in workloads:
         shapes += [("drain", t, {"messages": size["drain_messages"], "timeout": wait})
                    for t in size["drain_threads"]]
-    if "chain" in series:
+    if "chain" in workloads:
         shapes += [("chain", t, {"duration": size["duration"],
                                  "timeout": size["duration"] + wait})
                    for t in size["chain_threads"]]
@@ -107,8 +102,8 @@ def session(planned: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         with cluster_faults.bench_cluster() as vhost:
             yield {"url": cluster_faults.cluster_url(vhost)}
     else:
-        with dedicated_vhost("bench") as vhost:
-            yield {"url": url_for_vhost(rabbit_admin.amqp_url(), vhost)}
+        with vhost_session("bench") as shared:
+            yield shared
 
 
 def connections_needed(case: dict[str, Any]) -> int:

@@ -12,20 +12,10 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from stress import rabbit_admin
-from stress.common import (
-    ProcessSampler,
-    amqp_port,
-    dedicated_vhost,
-    fmt_ms,
-    fmt_rate,
-    fmt_threads,
-    latency_summary,
-    url_for_vhost,
-)
+from stress.common import ProcessSampler, amqp_port, fmt_threads, latency_summary, vhost_session
 from stress.start_line import race, time_calls
 
 NAME = "bench_celery"
@@ -35,7 +25,6 @@ COLUMNS = [("rate", "delay()/s"), ("p50", "p50"), ("p99", "p99"),
 HEADLINE = "rate"
 HIGHER_IS_BETTER = True
 SETUP_LABELS = {"default": "Celery on kombu's amqp", "shared": "Celery on shared+amqp"}
-FORMATS = {"rate": fmt_rate, "p50": fmt_ms, "p99": fmt_ms, "cpu_us": lambda v: f"{v:.0f} us"}
 AGGREGATE = {"connections": "max"}
 
 
@@ -48,10 +37,8 @@ def cases(quick: bool, *, threads: list[int] | None = None,
             for n in counts for setup in SETUP_LABELS]
 
 
-@contextlib.contextmanager
-def session(planned: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    with dedicated_vhost("celery") as vhost:
-        yield {"url": url_for_vhost(rabbit_admin.amqp_url(), vhost)}
+def session(planned: list[dict[str, Any]]) -> contextlib.AbstractContextManager[dict[str, str]]:
+    return vhost_session("celery")
 
 
 def notes(planned: list[dict[str, Any]]) -> list[str]:

@@ -37,14 +37,13 @@ from stress import rabbit_admin
 from stress.common import (
     ProcessSampler,
     amqp_port,
-    dedicated_vhost,
     fmt_ms,
-    fmt_rate,
     fmt_threads,
     latency_summary,
     socket_headroom,
     split,
     url_for_vhost,
+    vhost_session,
 )
 from stress.polling import poll
 from stress.start_line import race, time_calls
@@ -57,9 +56,9 @@ HEADLINE = "rate"
 HIGHER_IS_BETTER = True
 SETUP_LABELS = {"shared": "shared KombuConnection + idle consumer",
                 "plain": "kombu.Connection per thread"}
-FORMATS = {"rate": fmt_rate, "p50": fmt_ms, "p99": fmt_ms, "cpu_us": lambda v: f"{v:.0f} us"}
 AGGREGATE = {"connections_held": "max"}
 PLOT_X = "threads"
+CONFIRM_MODES = {"both": (False, True), "on": (True,), "off": (False,)}
 #: option: (quick, full) default of :func:`cases`.
 DEFAULTS: dict[str, tuple[Any, Any]] = {
     "threads": ([1, 10], [1, 10, 100, 900]), "messages": (4000, 40000),
@@ -68,37 +67,39 @@ DEFAULTS: dict[str, tuple[Any, Any]] = {
 
 
 def cases(quick: bool, *, variants: tuple[str, ...] = ("shared", "plain"),
-          confirm_modes: tuple[bool, ...] = (False, True), body_size: int = 128,
+          confirm: str = "both", body_size: int = 128,
           persistent: bool = False, setup_timeout: float = 60, timeout: float = 180,
           tls: bool = False, force: bool = False, **sizes: Any) -> list[dict[str, Any]]:
     """Every case of one repeat; ``sizes`` override :data:`DEFAULTS` (None: the default)."""
-    unknown = set(sizes) - set(DEFAULTS) or set(variants) - set(SETUP_LABELS)
+    unknown = set(sizes) - set(DEFAULTS) or set(variants) - set(SETUP_LABELS) or (
+        {confirm} - set(CONFIRM_MODES))
     if unknown:
         raise ValueError(f"unknown option or variant: {sorted(unknown)}")
     size = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
             for k, v in DEFAULTS.items()}
-    return [{"setup": variant, "threads": threads, "confirm": confirm,
-             "label": f"{'confirms' if confirm else 'no confirms'}, {fmt_threads(threads)}",
-             "series": "confirms" if confirm else "no confirms",
-             "messages": size["messages_confirm"] if confirm else size["messages"],
+    return [{"setup": variant, "threads": threads, "confirm": on,
+             "label": f"{'confirms' if on else 'no confirms'}, {fmt_threads(threads)}",
+             "series": "confirms" if on else "no confirms",
+             "messages": size["messages_confirm"] if on else size["messages"],
              "body_size": body_size, "persistent": persistent, "tls": tls, "force": force,
              "setup_timeout": setup_timeout, "timeout": timeout}
-            for confirm in confirm_modes for threads in size["threads"] for variant in variants]
+            for on in CONFIRM_MODES[confirm] for threads in size["threads"]
+            for variant in variants]
 
 
 @contextlib.contextmanager
 def session(planned: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """One vhost for the run; with TLS cases, the TLS endpoint in front of the server."""
-    with dedicated_vhost("transport") as vhost:
-        admin_url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
+    with vhost_session("transport") as shared:
+        admin = {"admin_url": shared["url"]}
         if not any(case.get("tls") for case in planned):
-            yield {"url": admin_url, "admin_url": admin_url, "ssl": None}
+            yield {**shared, **admin, "ssl": None}
             return
         parts = urlsplit(rabbit_admin.amqp_url())
         with tls_endpoint((parts.hostname or "127.0.0.1", parts.port or 5672)) as (port, ca):
-            yield {"url": url_for_vhost(f"amqps://{parts.username}:{parts.password}@localhost:"
-                                        f"{port}/", vhost),
-                   "admin_url": admin_url,
+            yield {**admin,
+                   "url": url_for_vhost(f"amqps://{parts.username}:{parts.password}@localhost:"
+                                        f"{port}/", shared["vhost"]),
                    "ssl": {"ca_certs": ca, "cert_reqs": ssl.CERT_REQUIRED,
                            "server_hostname": "localhost"}}
 
