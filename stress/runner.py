@@ -1,7 +1,7 @@
 """The one benchmark runner: every case of a workload in a fresh child process, interleaved.
 
-A workload (a module of ``stress/workloads/``, see /WORKLOADS.md and ``stress.workloads``) says
-what its cases are and how to run one; this module does the rest for all of them:
+A workload (a module of ``stress/workloads/``, contract in ``stress.workloads``) says what its
+cases are and how to run one; this module does the rest for all of them:
 
 - a fresh child process per case (``python -m stress.runner --child MODULE CASE_JSON``): per-case
   RSS and threads, no global state of a library leaking from one case into the next, and a case

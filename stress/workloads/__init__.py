@@ -1,13 +1,19 @@
-"""Benchmark workloads: one small module each, found by its ``NAME`` (contract: /WORKLOADS.md).
+"""Benchmark workloads: one small module each, found by its ``NAME``.
 
-A module here defines ``NAME``, ``TITLE``, ``COLUMNS``, ``HEADLINE``, ``HIGHER_IS_BETTER``,
-``cases(quick)`` and ``run_case(case)``; ``stress.runner`` runs its cases and ``stress.report``
-writes ``stress/results/<NAME>.md`` and ``.json``. Optional, for the runner:
-``session(cases)`` (a context manager around all cases whose dict is merged into every case,
-e.g. one vhost or a TLS endpoint for the whole run) and ``skip(case)`` (a reason not to run a
-case, shown as skipped). Optional, for the report: ``SETUP_LABELS``, ``FORMATS``,
-``AGGREGATE``, ``PLOTS`` with ``PLOT_X``, ``notes(cases)`` and ``row_note(runs)`` (see
-``stress.report``).
+The contract (stress/README.md, "Writing a workload"): a module here defines ``NAME`` (the
+report is ``stress/results/<NAME>.md`` and ``.json``; ``python -m stress.runner NAME``),
+``TITLE``, ``COLUMNS`` (``[(result key, column title), ...]``), ``HEADLINE`` (the key the
+"vs baseline" ratio is taken on), ``HIGHER_IS_BETTER``, ``cases(quick)`` (JSON-able dicts with
+at least ``"setup"`` and ``"label"``) and ``run_case(case)`` (runs one case in a fresh child
+process, returns JSON-able figures, raises on failure). ``stress.runner`` runs the cases and
+``stress.report`` writes the report.
+
+Optional, for the runner: a case's ``"timeout"`` (seconds its child may take, plus a grace),
+``session(cases)`` (a context manager around all the cases whose dict is merged into every case
+a child gets: one vhost or a TLS endpoint for the whole run) and ``skip(case)`` (a reason not to
+run a case, shown as skipped). Optional, for the report: ``SETUP_LABELS``, ``FORMATS``,
+``AGGREGATE``, ``PLOTS`` with ``PLOT_X`` and a case's ``"series"``, ``notes(cases)`` and
+``row_note(runs)`` (see ``stress.report``).
 """
 
 from __future__ import annotations
