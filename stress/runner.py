@@ -122,9 +122,8 @@ def launch_child(module_name: str, case: Case, timeout: float) -> Result:
         proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
-        tail = exc.stderr or b""
-        if isinstance(tail, bytes):
-            tail = tail.decode(errors="replace")
+        raw = exc.stderr or ""
+        tail = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
         return {"ok": False, "error": f"timed out after {timeout:.0f} s",
                 "stderr": tail[-2000:], "wall": time.monotonic() - started}
     result = outcome(proc.returncode, proc.stdout, proc.stderr)

@@ -75,7 +75,7 @@ def cases(quick: bool, *, brokers: tuple[str, ...] = ("kombu", "rabbitmq"),
         set(workloads) - set(SERIES))
     if unknown:
         raise ValueError(f"unknown option, broker or workload: {sorted(unknown)}")
-    size = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
+    size: dict[str, Any] = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
             for k, v in DEFAULTS.items()}
     wait = 45 if quick else 180
     shapes = []

@@ -75,7 +75,7 @@ def cases(quick: bool, *, variants: tuple[str, ...] = ("shared", "plain"),
         {confirm} - set(CONFIRM_MODES))
     if unknown:
         raise ValueError(f"unknown option or variant: {sorted(unknown)}")
-    size = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
+    size: dict[str, Any] = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
             for k, v in DEFAULTS.items()}
     return [{"setup": variant, "threads": threads, "confirm": on,
              "label": f"{'confirms' if on else 'no confirms'}, {fmt_threads(threads)}",
