@@ -50,6 +50,16 @@ from pathlib import Path
 from stress import fault_scenarios as fh
 from stress import rabbit_admin
 
+#: (flag, field of fh.Scale, type, help) of the options that size the cases.
+SCALE_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--messages", "messages", int, "messages per case"),
+    ("--threads", "threads", int, "worker threads"),
+    ("--senders", "senders", int, "threads streaming the messages"),
+    ("--burst-senders", "burst_senders", int, "threads publishing flat out in network-reset"),
+    ("--rate", "send_rate", float, "messages per second streamed"),
+    ("--work-ms", "work_ms", float, "time each message takes in the actor"),
+    ("--processes", "cli_processes", int, "dramatiq CLI processes in the sigterm case"),
+]
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
 
 
@@ -66,21 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
                         f"{','.join(ORDER)}; none when --loops or --idle is given)")
     parser.add_argument("--skip", default="", help="comma-separated cases to leave out")
-    parser.add_argument("--messages", type=int, default=fh.SCRIPT_SCALE.messages,
-                        help="messages per case (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=fh.SCRIPT_SCALE.threads,
-                        help="worker threads (default %(default)s)")
-    parser.add_argument("--senders", type=int, default=fh.SCRIPT_SCALE.senders,
-                        help="threads streaming the messages (default %(default)s)")
-    parser.add_argument("--burst-senders", type=int, default=fh.SCRIPT_SCALE.burst_senders,
-                        help="threads publishing flat out in network-reset "
-                             "(default %(default)s)")
-    parser.add_argument("--rate", type=float, default=fh.SCRIPT_SCALE.send_rate,
-                        help="messages per second streamed (default %(default)s)")
-    parser.add_argument("--work-ms", type=float, default=fh.SCRIPT_SCALE.work_ms,
-                        help="time each message takes in the actor (default %(default)s)")
-    parser.add_argument("--processes", type=int, default=fh.SCRIPT_SCALE.cli_processes,
-                        help="dramatiq CLI processes in the sigterm case (default %(default)s)")
+    for flag, field, kind, what in SCALE_OPTIONS:
+        parser.add_argument(flag, dest=field, type=kind, default=getattr(fh.SCRIPT_SCALE, field),
+                            metavar=flag[2:].upper(), help=f"{what} (default %(default)s)")
     parser.add_argument("--loops", type=int, metavar="N",
                         help="resource hygiene: N faults in turn on one worker, threads, "
                              "file descriptors and server channels before vs after")
@@ -246,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return cluster_faults.main([a for a in argv if a != "--cluster"])
     args = parse_args(argv)
-    scale = replace(fh.SCRIPT_SCALE, messages=args.messages, threads=args.threads,
-                    senders=args.senders, burst_senders=args.burst_senders,
-                    send_rate=args.rate, work_ms=args.work_ms, cli_processes=args.processes)
+    scale = replace(fh.SCRIPT_SCALE, **{field: getattr(args, field)
+                                        for _, field, _, _ in SCALE_OPTIONS})
     work_dir = Path(tempfile.mkdtemp(prefix="faults-"))
     log_file = work_dir / "run.log"
     logging.basicConfig(filename=log_file, level=logging.INFO,
