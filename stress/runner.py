@@ -149,6 +149,11 @@ def execute(workload: ModuleType, cases: Sequence[Case], *, repeat: int,
         raise ValueError(f"repeat must be at least 1, not {repeat}")
     if not cases:
         raise ValueError(f"workload {workload.NAME!r} has no cases")
+    for number, case in enumerate(cases):
+        missing = [key for key in ("setup", "label") if key not in case]
+        if missing:
+            raise ValueError(f"case {number} of workload {workload.NAME!r} lacks "
+                             f"{' and '.join(missing)}: {case}")
     plan = [CaseRuns(dict(case)) for case in cases]
     order = list(schedule(cases, repeat))
     skip = getattr(workload, "skip", None)

@@ -92,6 +92,8 @@ def test_a_failing_or_skipped_case_is_recorded_and_the_run_goes_on() -> None:
     assert results[2].runs[0] == {"ok": False, "skipped": True, "error": "skipped: too big"}
     assert len(launched) == 4 and all(c["url"] == "amqp://shared" for c in launched)
     assert all("url" not in r.case for r in results)  # the session's part is not the case's
+    with pytest.raises(ValueError, match="case 1 of workload 'fake' lacks label"):
+        runner.execute(workload, [CASES[0], {"setup": "a"}], repeat=1, launch=launch)
 
 
 @pytest.fixture
