@@ -40,7 +40,7 @@ from stress.common import (
     short_error,
     write_result,
 )
-from stress.runner import CaseRuns
+from stress.runner import CaseRuns, groups
 
 
 @dataclass
@@ -90,8 +90,6 @@ def baseline_index(cases: Sequence[dict[str, Any]], indices: Sequence[int]) -> i
 
 def summarise(workload: ModuleType, results: Sequence[CaseRuns]) -> list[Row]:
     """One :class:`Row` per case, in plan order."""
-    from stress.runner import groups
-
     how = getattr(workload, "AGGREGATE", {})
     headline = workload.HEADLINE
     rows = []
