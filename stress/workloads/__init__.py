@@ -21,6 +21,7 @@ from __future__ import annotations
 import pkgutil
 from importlib import import_module
 from types import ModuleType
+from typing import Any
 
 REQUIRED = ("NAME", "TITLE", "COLUMNS", "HEADLINE", "HIGHER_IS_BETTER", "cases", "run_case")
 
@@ -57,3 +58,14 @@ def load(name: str) -> ModuleType:
     if name not in known:
         raise ValueError(f"no workload called {name!r}; known: {', '.join(known) or 'none'}")
     return known[name]
+
+
+def sizes(defaults: dict[str, tuple[Any, Any]], quick: bool,
+          given: dict[str, Any]) -> dict[str, Any]:
+    """Every option of ``defaults`` (``name: (quick, full)``), those ``given`` not None over
+    them; a ValueError naming an option ``defaults`` does not know."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; known: {', '.join(defaults)}")
+    return {name: pair[0 if quick else 1] if given.get(name) is None else given[name]
+            for name, pair in defaults.items()}

@@ -41,6 +41,7 @@ from stress.common import (
 )
 from stress.polling import poll
 from stress.start_line import race, time_calls
+from stress.workloads import sizes as workload_sizes
 
 NAME = "bench"
 TITLE = "KombuBroker vs RabbitmqBroker"
@@ -71,12 +72,10 @@ def cases(quick: bool, *, brokers: tuple[str, ...] = ("kombu", "rabbitmq"),
           workloads: tuple[str, ...] = tuple(SERIES), cluster: bool = False, force: bool = False,
           **sizes: Any) -> list[dict[str, Any]]:
     """Every case of one repeat; ``sizes`` override :data:`DEFAULTS` (None: the default)."""
-    unknown = set(sizes) - set(DEFAULTS) or set(brokers) - set(SETUP_LABELS) or (
-        set(workloads) - set(SERIES))
+    unknown = set(brokers) - set(SETUP_LABELS) or set(workloads) - set(SERIES)
     if unknown:
-        raise ValueError(f"unknown option, broker or workload: {sorted(unknown)}")
-    size: dict[str, Any] = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
-            for k, v in DEFAULTS.items()}
+        raise ValueError(f"unknown broker or workload: {sorted(unknown)}")
+    size = workload_sizes(DEFAULTS, quick, sizes)
     wait = 45 if quick else 180
     shapes = []
     if "enqueue" in workloads:
@@ -117,9 +116,6 @@ def connections_needed(case: dict[str, Any]) -> int:
 
 
 def skip(case: dict[str, Any]) -> str | None:
-    why = hops.broker_available(case["setup"])
-    if why:
-        return why
     needed = connections_needed(case)
     if needed <= 50 or case.get("force"):
         return None

@@ -47,6 +47,7 @@ from stress.common import (
 )
 from stress.polling import poll
 from stress.start_line import race, time_calls
+from stress.workloads import sizes as workload_sizes
 
 NAME = "bench_transport"
 TITLE = "Transport publish benchmark"
@@ -71,12 +72,10 @@ def cases(quick: bool, *, variants: tuple[str, ...] = ("shared", "plain"),
           persistent: bool = False, setup_timeout: float = 60, timeout: float = 180,
           tls: bool = False, force: bool = False, **sizes: Any) -> list[dict[str, Any]]:
     """Every case of one repeat; ``sizes`` override :data:`DEFAULTS` (None: the default)."""
-    unknown = set(sizes) - set(DEFAULTS) or set(variants) - set(SETUP_LABELS) or (
-        {confirm} - set(CONFIRM_MODES))
+    unknown = set(variants) - set(SETUP_LABELS) or {confirm} - set(CONFIRM_MODES)
     if unknown:
-        raise ValueError(f"unknown option or variant: {sorted(unknown)}")
-    size: dict[str, Any] = {k: sizes.get(k) if sizes.get(k) is not None else v[0 if quick else 1]
-            for k, v in DEFAULTS.items()}
+        raise ValueError(f"unknown variant or confirm mode: {sorted(unknown)}")
+    size = workload_sizes(DEFAULTS, quick, sizes)
     return [{"setup": variant, "threads": threads, "confirm": on,
              "label": f"{'confirms' if on else 'no confirms'}, {fmt_threads(threads)}",
              "series": "confirms" if on else "no confirms",
