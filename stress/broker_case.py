@@ -107,10 +107,23 @@ class BrokerCase:
 
 
 @contextlib.contextmanager
+def case_vhost(case: dict[str, Any], tag: str) -> Iterator[tuple[str, str]]:
+    """``(vhost, url)``: the run's (``"vhost"`` and ``"url"`` in the case, from the workload's
+    ``session``) or, for a case run on its own, one made for it and deleted at the end."""
+    if case.get("vhost") and case.get("url"):
+        yield case["vhost"], case["url"]
+        return
+    with dedicated_vhost(tag) as vhost:
+        yield vhost, url_for_vhost(rabbit_admin.amqp_url(), vhost)
+
+
+@contextlib.contextmanager
 def broker_case(case: dict[str, Any], tag: str, *, connections_needed: int
                 ) -> Iterator[BrokerCase]:
-    """A ``case["setup"]`` broker ("kombu" or "rabbitmq", ``confirm_delivery=True``) in a new
-    vhost; :class:`NotEnoughSockets` if the server cannot spare ``connections_needed``.
+    """A ``case["setup"]`` broker ("kombu" or "rabbitmq", ``confirm_delivery=True``) in the
+    case's vhost (:func:`case_vhost`); :class:`NotEnoughSockets` if the server cannot spare
+    ``connections_needed``. Its connections are named ``<tag>-<setup>-<hex>``
+    (:attr:`BrokerCase.connection_name`, unique: cases of one run may share a vhost).
 
     The server is polled for connections only when the case asks
     (:meth:`BrokerCase.count_server_connections`), not in the background: a ``rabbitmqctl`` call
@@ -124,8 +137,7 @@ def broker_case(case: dict[str, Any], tag: str, *, connections_needed: int
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger().addHandler(logs)
     try:
-        with dedicated_vhost(tag) as vhost:
-            url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
+        with case_vhost(case, tag) as (vhost, url):
             name = f"{tag}-{setup}-{uuid.uuid4().hex[:6]}"
             sampler = ProcessSampler(amqp_port(url)).start()
             bc = BrokerCase(setup, vhost, url, name, make_broker(setup, url, name), sampler,
@@ -140,6 +152,8 @@ def broker_case(case: dict[str, Any], tag: str, *, connections_needed: int
                     bc.open_after_close = poll(bc.count_server_connections,
                                                lambda n: n == 0, CLOSE_GRACE_S, 0.5)
                     if bc.open_after_close:
+                        # Cases of a run share its vhost one after the other: what is in it
+                        # now is this case's.
                         bc.force_closed = rabbit_admin.close_all_connections(
                             "left open by a stress case", vhost=vhost)
     finally:

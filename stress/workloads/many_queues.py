@@ -13,13 +13,14 @@ consumer start-up included. Every message carries an id: lost and duplicated one
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import dramatiq
 
 from stress.broker_case import broker_case, socket_shortage
-from stress.common import fmt_rate
+from stress.common import fmt_rate, vhost_session
 from stress.polling import poll
 from stress.workload import Tracker
 
@@ -66,6 +67,11 @@ def connections_needed(case: dict[str, Any]) -> int:
     return 2 * case["queues"] + 1 if case["setup"] == "rabbitmq" else 2
 
 
+def session(planned: list[dict[str, Any]]) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """One vhost for the whole run (each case its own connection and queue names)."""
+    return vhost_session("mq")
+
+
 def skip(case: dict[str, Any]) -> str | None:
     """Why not to run ``case`` now: the server cannot spare its connections."""
     return socket_shortage(connections_needed(case), case)
@@ -100,7 +106,9 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         tracker.processed(mid, None, time.time())
 
     with broker_case(case, "mq", connections_needed=connections_needed(case)) as bc:
-        actors = [dramatiq.actor(actor_name=f"mq_handle_{k}", queue_name=f"mq-{k}",
+        # The run's vhost is shared by its cases: queue names of this case's own.
+        actors = [dramatiq.actor(actor_name=f"mq_handle_{k}",
+                                 queue_name=f"{bc.connection_name}-{k}",
                                  broker=bc.broker, max_retries=0)(mq_handle)
                   for k in range(queues)]
         sent0 = time.perf_counter()

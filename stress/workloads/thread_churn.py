@@ -21,6 +21,7 @@ starts after ``deadline_s``, and ``broker.close()`` plus a force-close of the vh
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -29,7 +30,7 @@ import dramatiq
 
 from stress import rabbit_admin
 from stress.broker_case import CHECK_ABOVE, FORCE_ENV, broker_case, forced_over_socket_limit
-from stress.common import fmt_rate, socket_headroom
+from stress.common import fmt_rate, socket_headroom, vhost_session
 from stress.polling import poll
 
 NAME = "thread-churn"
@@ -56,7 +57,6 @@ AGGREGATE = {"connections": "max", "open_after": "max", "channels_after": "max",
 
 #: Request threads alive at once.
 CONCURRENT = 8
-QUEUE = "churn"
 #: Sockets of the server the RabbitmqBroker case leaves to other clients: its connections stay
 #: open for the whole case, and the server is shared.
 SOCKET_RESERVE = 300
@@ -89,6 +89,11 @@ def threads_to_run(case: dict[str, Any]) -> tuple[int, str | None]:
     return allowed, f"capped from {wanted} to {allowed} threads: {headroom[1]}"
 
 
+def session(planned: list[dict[str, Any]]) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """One vhost for the whole run (each case its own connection and queue names)."""
+    return vhost_session("churn")
+
+
 def notes(planned: list[dict[str, Any]]) -> list[str]:
     first = planned[0]
     return [
@@ -103,6 +108,12 @@ def notes(planned: list[dict[str, Any]]) -> list[str]:
         "(the threads column; RabbitMQ 3.x stalls every client at its socket limit, "
         f"stress/README.md), unless `{FORCE_ENV}=1`. Both brokers `confirm_delivery=True`.",
     ]
+
+
+def row_note(runs: list[dict[str, Any]]) -> str:
+    """Why a row ran fewer threads than its label says."""
+    capped = [r["capped"] for r in runs if r.get("capped")]
+    return f"{len(capped)} run(s) {capped[0]}" if capped else ""
 
 
 def churn_request(index: int) -> None:
@@ -165,7 +176,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"threads": int(case["threads"]), "threads_run": threads,
                               "capped": capped}
     with broker_case(case, "churn", connections_needed=2) as bc:
-        actor = dramatiq.actor(queue_name=QUEUE, broker=bc.broker, max_retries=0)(churn_request)
+        queue = bc.connection_name  # the run's vhost is shared by its cases
+        actor = dramatiq.actor(queue_name=queue, broker=bc.broker, max_retries=0)(churn_request)
         result.update(_churn(actor, threads, int(case["concurrent"]),
                              float(case["deadline_s"])))
         # Every request thread has ended; the broker is still open, as in a server that lives on.
@@ -173,13 +185,14 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         result["open_after"] = bc.count_server_connections()
         result["channels_after"] = bc.count_channels()
         delivered = result["launched"] - result["failed"]
-        in_queue = poll(lambda: _messages(bc.vhost), lambda n: n >= delivered, COUNT_GRACE_S, 0.5)
+        in_queue = poll(lambda: _messages(bc.vhost, queue), lambda n: n >= delivered,
+                        COUNT_GRACE_S, 0.5)
         result["in_queue"] = in_queue
         result["lost"] = max(0, delivered - in_queue)
     result.update(bc.figures())
     return result
 
 
-def _messages(vhost: str) -> int:
-    row = rabbit_admin.queue_details(vhost).get(QUEUE)
+def _messages(vhost: str, queue: str) -> int:
+    row = rabbit_admin.queue_details(vhost).get(queue)
     return int(row.get("messages") or 0) if row else 0
