@@ -19,7 +19,7 @@ from typing import Any
 
 import dramatiq
 
-from stress.broker_case import broker_case, socket_shortage
+from stress.broker_case import BrokerCase, broker_case, socket_shortage
 from stress.common import fmt_rate, vhost_session
 from stress.polling import poll
 from stress.workload import Tracker
@@ -51,6 +51,8 @@ AGGREGATE = {"connections": "max", "server_connections": "max", "open_after_clos
 WORKER_THREADS = 8
 #: worker_timeout (ms) of the Worker: how long a stopping consumer waits for its next message.
 WORKER_TIMEOUT_MS = 100
+#: How long the delay queues' consumers may take to connect after the last message processed.
+ALL_UP_TIMEOUT_S = 30.0
 #: Bound on the processing of one case.
 PROCESS_TIMEOUT_S = {True: 60.0, False: 300.0}
 
@@ -105,7 +107,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     def mq_handle(mid: int) -> None:
         tracker.processed(mid, None, time.time())
 
-    with broker_case(case, "mq", connections_needed=connections_needed(case)) as bc:
+    needed = connections_needed(case)
+    with broker_case(case, "mq", connections_needed=needed) as bc:
         # The run's vhost is shared by its cases: queue names of this case's own.
         actors = [dramatiq.actor(actor_name=f"mq_handle_{k}",
                                  queue_name=f"{bc.connection_name}-{k}",
@@ -129,8 +132,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
             processed = poll(lambda: tracker.n_processed, lambda n: n >= sent,
                              float(case["timeout"]), 0.01)
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
-            # Every consumer is up and holds its connection or channel: count them now.
-            bc.sampler.sample()
+            # A queue's consumer is up once its messages were processed; a delay queue's has
+            # nothing to process: wait (bounded) for every connection, then count on the server.
+            result["connections_all_up"] = poll(lambda: _sample_sockets(bc), lambda n: n >= needed,
+                                                ALL_UP_TIMEOUT_S, 0.1)
             result["server_connections_all_up"] = bc.count_server_connections()
         finally:
             stop0 = time.perf_counter()
@@ -147,3 +152,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if processed < sent:
         raise RuntimeError(f"processed {processed} of {sent} messages in {elapsed:.1f} s: {result}")
     return result
+
+
+def _sample_sockets(bc: BrokerCase) -> int:
+    bc.sampler.sample()
+    return bc.sampler.sockets
