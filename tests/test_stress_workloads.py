@@ -40,3 +40,11 @@ def test_thread_churn_kombu_keeps_one_connection_and_pooled_channels(amqp_url_ba
     assert result["channels_after"] <= 2 * case["concurrent"] < case["threads"]
     assert result["open_after_close"] == 0
     assert result["seconds"] > 0 and result["throughput"] > 0
+
+
+def test_thread_churn_skips_a_case_capped_below_a_quarter_of_its_threads() -> None:
+    case = {"setup": "rabbitmq", "threads": 1000}
+    assert thread_churn.too_few(case, 1000, None) is None
+    assert thread_churn.too_few(case, 250, "capped from 1000 to 250") is None
+    why = thread_churn.too_few(case, 249, "capped from 1000 to 249")
+    assert why is not None and why.startswith("capped from 1000 to 249")

@@ -14,9 +14,9 @@ the messages in the queue against the sends that returned (``lost``).
 Bounds, so that the ``RabbitmqBroker`` case cannot stall the shared server (RabbitMQ 3.x stops
 answering handshakes at its socket limit, 832 sockets with ``ulimit -n`` 1024): it runs with as
 many threads as the server can spare keeping ``SOCKET_RESERVE`` sockets for other clients
-(``threads_run`` says how many; ``STRESS_OVER_SOCKET_LIMIT=1`` runs them all), no new thread
-starts after ``deadline_s``, and ``broker.close()`` plus a force-close of the vhost's connections
-(:mod:`stress.broker_case`) end what it left open.
+(``threads_run`` says how many; skipped below ``MIN_SHARE`` of them; ``STRESS_OVER_SOCKET_LIMIT=1``
+runs them all), no new thread starts after ``deadline_s``, and ``broker.close()`` plus a
+force-close of the vhost's connections (:mod:`stress.broker_case`) end what it left open.
 """
 
 from __future__ import annotations
@@ -29,7 +29,13 @@ from typing import Any
 import dramatiq
 
 from stress import rabbit_admin
-from stress.broker_case import CHECK_ABOVE, FORCE_ENV, broker_case, forced_over_socket_limit
+from stress.broker_case import (
+    CHECK_ABOVE,
+    FORCE_ENV,
+    NotEnoughSockets,
+    broker_case,
+    forced_over_socket_limit,
+)
 from stress.common import fmt_rate, socket_headroom, vhost_session
 from stress.polling import poll
 
@@ -60,6 +66,8 @@ CONCURRENT = 8
 #: Sockets of the server the RabbitmqBroker case leaves to other clients: its connections stay
 #: open for the whole case, and the server is shared.
 SOCKET_RESERVE = 300
+#: A RabbitmqBroker case capped below this share of its threads is skipped.
+MIN_SHARE = 0.25
 #: How long the sent messages may take to show in the server's queue count.
 COUNT_GRACE_S = 15.0
 
@@ -94,6 +102,18 @@ def session(planned: list[dict[str, Any]]) -> contextlib.AbstractContextManager[
     return vhost_session("churn")
 
 
+def too_few(case: dict[str, Any], threads: int, capped: str | None) -> str | None:
+    """Why ``threads`` (capped from the case's) are too few for a rate that means something."""
+    if threads < int(case["threads"]) * MIN_SHARE:
+        return f"{capped}: fewer than {MIN_SHARE:.0%} of the threads"
+    return None
+
+
+def skip(case: dict[str, Any]) -> str | None:
+    """Why not to run ``case`` now: the server has too few sockets to spare for it."""
+    return too_few(case, *threads_to_run(case))
+
+
 def notes(planned: list[dict[str, Any]]) -> list[str]:
     first = planned[0]
     return [
@@ -106,7 +126,8 @@ def notes(planned: list[dict[str, Any]]) -> list[str]:
         f"RabbitmqBroker keeps a connection per thread that sent: its case runs only as many "
         f"threads as the server can spare keeping {SOCKET_RESERVE} sockets for other clients "
         "(the threads column; RabbitMQ 3.x stalls every client at its socket limit, "
-        f"stress/README.md), unless `{FORCE_ENV}=1`. Both brokers `confirm_delivery=True`.",
+        f"stress/README.md), skipped below {MIN_SHARE:.0%} of them, unless `{FORCE_ENV}=1`. "
+        "Both brokers `confirm_delivery=True`.",
     ]
 
 
@@ -171,8 +192,9 @@ def _churn(actor: dramatiq.Actor[[int], None], threads: int, concurrent: int,
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     threads, capped = threads_to_run(case)
-    if threads < 1:
-        raise ValueError(f"thread-churn needs at least one thread; {capped or case}")
+    why = too_few(case, threads, capped)
+    if why:
+        raise NotEnoughSockets(why)
     result: dict[str, Any] = {"threads": int(case["threads"]), "threads_run": threads,
                               "capped": capped}
     with broker_case(case, "churn", connections_needed=2) as bc:
