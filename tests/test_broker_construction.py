@@ -216,6 +216,13 @@ def test_pika_parameter_that_cannot_map_raises_value_error_naming_it(arguments, 
         KombuBroker(**arguments)
 
 
+@pytest.mark.parametrize("name", ["confirm_timeout", "blocked_timeout"])
+@pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), "5", True])
+def test_a_bound_of_a_wait_must_be_a_finite_positive_number_of_seconds(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}\b.* must be a finite number of seconds > 0"):
+        KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/", **{name: value})
+
+
 def test_pika_style_construction_sends_and_consumes(env, vhost):
     """dramatiq's docs build ``RabbitmqBroker(host=...)``: the same call works unchanged."""
     broker = env.broker(url=None, host="127.0.0.1", port=5672, virtual_host=vhost,

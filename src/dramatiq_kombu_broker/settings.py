@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,12 +109,8 @@ class BrokerSettings:
             value = getattr(self, name)
             if not _is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        if not (_is_number(self.confirm_timeout) and self.confirm_timeout > 0):
-            raise ValueError(f"confirm_timeout must be a number of seconds > 0, "
-                             f"got {self.confirm_timeout!r}")
-        if not (_is_number(self.blocked_timeout) and self.blocked_timeout > 0):
-            raise ValueError(f"blocked_timeout (blocked_connection_timeout) must be a number of "
-                             f"seconds > 0, got {self.blocked_timeout!r}")
+        _positive_seconds("confirm_timeout", self.confirm_timeout)
+        _positive_seconds("blocked_timeout (blocked_connection_timeout)", self.blocked_timeout)
         if isinstance(self.connection_attempts, bool) or not (
             isinstance(self.connection_attempts, int) and self.connection_attempts >= 1
         ):
@@ -176,6 +173,14 @@ class BrokerSettings:
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _positive_seconds(name: str, value: Any) -> None:
+    """Refuse a bound of a wait that is not a finite number of seconds above 0: at 0 every wait
+    fails at once, and an infinite one is no bound (a timeout of ``inf`` also overflows the
+    waits it reaches)."""
+    if not (_is_number(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
 #: Where each pika tuning value goes in BrokerSettings.
