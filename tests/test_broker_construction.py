@@ -16,7 +16,7 @@ import pika
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from broker_helpers import DEAD_MESSAGE_TTL, Recorder, unique
+from broker_helpers import DEAD_MESSAGE_TTL, recording_actor, unique
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
 from stress import rabbit_admin
 from transport_helpers import Proxy, have_openssl, make_tls_files, server_tls_context
@@ -227,13 +227,7 @@ def test_pika_style_construction_sends_and_consumes(env, vhost):
     """dramatiq's docs build ``RabbitmqBroker(host=...)``: the same call works unchanged."""
     broker = env.broker(url=None, host="127.0.0.1", port=5672, virtual_host=vhost,
                         credentials=pika.PlainCredentials("guest", "guest"), heartbeat=30)
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def record(n):
-        seen.add(n)
-
+    record, seen, _ = recording_actor(broker)
     env.worker(broker, threads=2)
     for n in range(5):
         record.send(n)
