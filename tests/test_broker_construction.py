@@ -223,6 +223,18 @@ def test_a_bound_of_a_wait_must_be_a_finite_positive_number_of_seconds(name, val
         KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/", **{name: value})
 
 
+@pytest.mark.parametrize("name", ["heartbeat", "connect_timeout"])
+@pytest.mark.parametrize("value", [-1, float("inf"), float("nan"), "5", True])
+def test_a_duration_that_may_be_zero_must_still_be_a_finite_number_of_seconds(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number of seconds >= 0"):
+        KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/", **{name: value})
+
+
+def test_a_retry_delay_must_be_a_finite_number_of_seconds():
+    with pytest.raises(ValueError, match=r"^retry_delay must be a finite number of seconds >= 0"):
+        KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/?retry_delay=inf")
+
+
 def test_pika_style_construction_sends_and_consumes(env, vhost):
     """dramatiq's docs build ``RabbitmqBroker(host=...)``: the same call works unchanged."""
     broker = env.broker(url=None, host="127.0.0.1", port=5672, virtual_host=vhost,

@@ -106,11 +106,9 @@ class BrokerSettings:
                 f"max_priority must be an integer from 1 to 255, got {self.max_priority!r}"
             )
         for name in ("heartbeat", "connect_timeout", "retry_delay"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        _positive_seconds("confirm_timeout", self.confirm_timeout)
-        _positive_seconds("blocked_timeout (blocked_connection_timeout)", self.blocked_timeout)
+            _check_seconds(name, getattr(self, name), zero_ok=True)
+        _check_seconds("confirm_timeout", self.confirm_timeout)
+        _check_seconds("blocked_timeout (blocked_connection_timeout)", self.blocked_timeout)
         if isinstance(self.connection_attempts, bool) or not (
             isinstance(self.connection_attempts, int) and self.connection_attempts >= 1
         ):
@@ -175,12 +173,13 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def _positive_seconds(name: str, value: Any) -> None:
-    """Refuse a bound of a wait that is not a finite number of seconds above 0: at 0 every wait
-    fails at once, and an infinite one is no bound (a timeout of ``inf`` also overflows the
-    waits it reaches)."""
-    if not (_is_number(value) and 0 < value < math.inf):
-        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+def _check_seconds(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    """Refuse a duration that is not a finite number of seconds above 0 (or 0 too, with
+    ``zero_ok``): a bound of 0 fails every wait at once, and ``inf`` is no bound (it overflows
+    the waits it reaches, at first use instead of here)."""
+    least = ">=" if zero_ok else ">"
+    if not (_is_number(value) and math.isfinite(value) and (value > 0 or zero_ok and value == 0)):
+        raise ValueError(f"{name} must be a finite number of seconds {least} 0, got {value!r}")
 
 
 #: Where each pika tuning value goes in BrokerSettings.
