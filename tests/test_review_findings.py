@@ -1,0 +1,236 @@
+"""Defects found by the adversarial concurrency review, each shown by a test that fails on the
+code it was written against (marked ``xfail(strict=True)`` until fixed, so the branch stays
+green and a fix turns the mark into a failure that says to remove it).
+
+Every test talks to the real server. A server block (RabbitMQ's connection.blocked, sent
+during a memory or disk alarm) is simulated by handing the connection the notification the
+reader would have read (``_on_blocked``): a real alarm would block every session on the shared
+node. Asynchronous exceptions are raised exactly as dramatiq's TimeLimit raises them, at a
+point the test holds the thread at.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import amqp
+import dramatiq
+import pytest
+from amqp import spec
+from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware.threading import raise_thread_exception
+from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+from broker_helpers import run_bounded, unique, wait_until
+from kombu_pyamqp_threadsafe.flow import PublishBlockedError
+from kombu_pyamqp_threadsafe.inbox import Mailbox
+
+BLOCKED_TIMEOUT = 0.2
+
+
+@contextmanager
+def server_block(amqp_connection: Any) -> Iterator[None]:
+    """The server's Connection.Blocked as the reader hands it over, Unblocked at exit."""
+    amqp_connection._on_blocked("review: simulated alarm")
+    try:
+        yield
+    finally:
+        amqp_connection._on_unblocked()
+
+
+def _channel_ids(amqp_connection: Any) -> set[int]:
+    return {channel_id for channel_id in amqp_connection.channels if channel_id}
+
+
+# ------------------------------------------------------------------ server block (flow control)
+
+
+@pytest.mark.xfail(strict=True, reason="review: a close refused while blocked leaves a zombie "
+                   "channel (registered, id used, open on the server, never closable)")
+def test_close_refused_while_blocked_leaves_the_channel_closable(connect) -> None:
+    """channel.py Channel.send_method refuses Channel.Close at once while blocked
+    (wait_before_write(0.0) raises PublishBlockedError); upstream close()'s ``finally`` then
+    sets ``connection = None`` without collect(). The channel stays in ``connection.channels``
+    and ``_used_channel_ids``, ``is_open`` stays True, and every later close() returns at once
+    (connection is None): the id and the server's channel are held until the connection ends."""
+    conn = connect(transport_options={"blocked_timeout": BLOCKED_TIMEOUT})
+    amqp_connection = conn.connection
+    channel = conn.channel()
+    channel_id = channel.channel_id
+    with server_block(amqp_connection), suppress(PublishBlockedError):
+        channel.close()
+    channel.close()  # unblocked now: a close must be possible, or must have happened
+    assert channel_id not in _channel_ids(amqp_connection), (
+        f"channel {channel_id} is still registered after close(): is_open={channel.is_open}, "
+        f"connection={channel.connection}")
+
+
+@pytest.mark.xfail(strict=True, reason="review: an open refused while blocked leaves its "
+                   "channel registered for ever")
+def test_open_refused_while_blocked_leaves_no_channel_registered(connect) -> None:
+    """amqp Connection.channel(): the Channel registers itself in ``channels`` (and takes an
+    id) in __init__, then open() waits before writing Channel.Open and raises
+    PublishBlockedError; nobody holds the channel and nobody collects it."""
+    conn = connect(transport_options={"blocked_timeout": BLOCKED_TIMEOUT})
+    amqp_connection = conn.connection
+    conn.default_channel.basic_qos(0, 1, False)  # some channel exists; baseline after it
+    before = _channel_ids(amqp_connection)
+    with server_block(amqp_connection), pytest.raises(PublishBlockedError):
+        conn.channel()
+    assert _channel_ids(amqp_connection) == before
+
+
+@pytest.mark.xfail(strict=True, reason="review: a publish refused before writing (blocked) "
+                   "leaves _publishing set: the next publish closes the healthy channel")
+def test_publish_refused_while_blocked_keeps_the_channel_usable(connect, queue_name) -> None:
+    """channel.py basic_publish_confirm sets ``_publishing`` before _basic_publish, whose
+    flow.wait_before_write raises PublishBlockedError before anything is written; the flag
+    stays set, so the next publish (the block is over) takes it for an interrupted write,
+    closes the channel and raises ConfirmsOutOfStepError. KombuBroker keeps the channel after
+    PublishBlockedError precisely so that it stays usable (broker.py _with_producer_channel)."""
+    conn = connect(transport_options={"blocked_timeout": BLOCKED_TIMEOUT,
+                                      "confirm_publish": True})
+    channel = conn.channel()
+    channel.queue_declare(queue_name, auto_delete=True)
+    channel.basic_publish(amqp.Message(b"before"), exchange="", routing_key=queue_name)
+    with server_block(conn.connection), pytest.raises(PublishBlockedError):
+        channel.basic_publish(amqp.Message(b"refused"), exchange="", routing_key=queue_name)
+    channel.basic_publish(amqp.Message(b"after"), exchange="", routing_key=queue_name)
+    assert channel.queue_declare(queue_name, passive=True).message_count == 2
+
+
+@pytest.mark.xfail(strict=True, reason="review: sends during a long block leak a channel id "
+                   "each; channel_max reached, the producer connection never sends again")
+def test_sends_during_a_long_block_do_not_use_up_the_channel_ids(env) -> None:
+    """The three defects above together, through KombuBroker: each send during a block that
+    outlasts blocked_timeout leaves one or two zombie channels (the poisoned channel's close is
+    refused, then the retry's channel open is refused). A disk alarm of an hour with a few
+    dozen sending threads is thousands of sends: past channel_max (2047) every channel open
+    fails with "No free channel ids" on a connection that is alive, so it is never replaced and
+    the broker cannot send again after the alarm clears. Here channel_max is lowered on the
+    live connection to stand for that many sends."""
+    broker = env.broker(blocked_timeout=BLOCKED_TIMEOUT)
+
+    @dramatiq.actor(broker=broker, queue_name=unique())
+    def task() -> None:
+        pass
+
+    task.send()
+    amqp_connection = broker.producer_connection.connection
+    channels_before = len(_channel_ids(amqp_connection))
+    amqp_connection.channel_max = channels_before + 8
+    with server_block(amqp_connection):
+        for _ in range(8):
+            with pytest.raises(ConnectionClosed):
+                run_bounded(task.send, 10, "a send during the block")
+    leaked = len(_channel_ids(amqp_connection)) - channels_before
+    assert leaked <= 1, f"{leaked} channels left registered by 8 sends during the block"
+    run_bounded(task.send, 10, "a send after the block")  # else: "No free channel ids"
+
+
+# ------------------------------------------------------------------ asynchronous exceptions
+
+
+def _blocked_in(thread: threading.Thread, function: str, filename: str) -> bool:
+    def check() -> bool:
+        frame = sys._current_frames().get(thread.ident or 0)
+        return (frame is not None and frame.f_code.co_name == function
+                and frame.f_code.co_filename.endswith(filename))
+
+    return bool(wait_until(check, timeout=10, interval=0.005))
+
+
+@contextmanager
+def reader_held_before(monkeypatch: pytest.MonkeyPatch, method_sig: Any) -> Iterator[
+        tuple[threading.Event, threading.Event]]:
+    """Hold the reader thread before it posts the first ``method_sig`` to a mailbox: yields
+    (arrived, release)."""
+    arrived, release = threading.Event(), threading.Event()
+    real_post = Mailbox.post
+
+    def post(mailbox: Mailbox, method: Any) -> Any:
+        if method[0] == method_sig and not arrived.is_set():
+            arrived.set()
+            release.wait(10)
+        return real_post(mailbox, method)
+
+    monkeypatch.setattr(Mailbox, "post", post)
+    try:
+        yield arrived, release
+    finally:
+        release.set()
+
+
+def _interrupt_while_waiting(target: Any, monkeypatch: pytest.MonkeyPatch, reply: Any,
+                             ) -> list[BaseException]:
+    """Run ``target`` in a thread; while it sleeps for ``reply`` (held at the reader), raise a
+    TimeLimit in it as dramatiq does, then let the reply through. Returns what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name="interrupted")
+    with reader_held_before(monkeypatch, reply) as (arrived, release):
+        thread.start()
+        assert arrived.wait(10), f"{reply} never arrived"
+        assert _blocked_in(thread, "wait", "inbox.py")
+        raise_thread_exception(thread.ident, TimeLimitExceeded)
+        release.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    return raised
+
+
+@pytest.mark.xfail(strict=True, reason="review: a channel open interrupted while waiting for "
+                   "Open-Ok stays registered and open on the server, held by nobody")
+def test_open_interrupted_waiting_for_open_ok_leaves_no_channel(connect, monkeypatch) -> None:
+    """amqp Connection.channel(): the Channel is in ``channels`` from __init__ on; a TimeLimit
+    while open() waits for Open-Ok (a round trip, in pool.acquire() of every first send of a
+    dramatiq worker thread and after every error) raises out of channel() with the channel
+    registered: its Open-Ok is dispatched by a later wait, and the channel stays open on the
+    server and holds its id until the connection ends. Each such interrupt leaks one."""
+    conn = connect()
+    amqp_connection = conn.connection
+    conn.default_channel.basic_qos(0, 1, False)
+    before = _channel_ids(amqp_connection)
+    raised = _interrupt_while_waiting(conn.channel, monkeypatch, spec.Channel.OpenOk)
+    assert [type(exc) for exc in raised] == [TimeLimitExceeded]
+    left = _channel_ids(amqp_connection) - before
+    assert not left, f"channel(s) {left} left registered by the interrupted open"
+
+
+@pytest.mark.xfail(strict=True, reason="review: a channel close interrupted while waiting for "
+                   "Close-Ok is never collected (connection set to None first)")
+def test_close_interrupted_waiting_for_close_ok_collects_the_channel(connect,
+                                                                     monkeypatch) -> None:
+    """Upstream Channel.close()'s ``finally`` sets ``connection = None``; collect(), which
+    drops the channel from ``connection.channels`` and frees its id, runs only from the
+    Close-Ok's dispatch inside close(). Interrupted in that wait (the pool closes a discarded
+    channel in the thread whose send failed, often a TimeLimit's own), the Close-Ok comes
+    later, and collect() then finds no connection to drop the channel from: it stays
+    registered for good."""
+    conn = connect()
+    amqp_connection = conn.connection
+    conn.default_channel.basic_qos(0, 1, False)
+    before = _channel_ids(amqp_connection)
+    opened: list[Any] = []
+
+    def open_then_close() -> None:
+        channel = conn.channel()
+        opened.append(channel)
+        channel.close()
+
+    raised = _interrupt_while_waiting(open_then_close, monkeypatch, spec.Channel.CloseOk)
+    assert [type(exc) for exc in raised] == [TimeLimitExceeded]
+    # The Close-Ok has arrived meanwhile; a later wait of anybody's dispatches what is left.
+    conn.default_channel.basic_qos(0, 1, False)
+    left = _channel_ids(amqp_connection) - before
+    assert not left, f"channel(s) {left} left registered by the interrupted close"
