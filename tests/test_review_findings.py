@@ -264,3 +264,57 @@ def test_last_handle_dropped_without_release_closes_the_connection(
         for entry in list(registry._entries.values()):
             if connection_name in repr(entry.key) and entry.connection is not None:
                 entry.connection.close()
+
+
+# ------------------------------------------------------------------ deferred deliveries
+
+
+@pytest.mark.xfail(strict=True, reason="review: a confirm posted while drain_events scans "
+                   "deferred deliveries is counted as scanned and skipped: the wait times out")
+def test_confirm_arriving_during_the_scan_of_deferred_deliveries_is_found(
+        connect, queue_name, monkeypatch) -> None:
+    """connection.py drain_events: after Mailbox.take() found only deferred deliveries (its
+    scan covers the methods present when it began), ``scanned[mailbox]`` is set from
+    ``pending_count()``, read afterwards. The reader appends without the mailbox lock, so a
+    confirm posted between the two (a GIL switch; the reader runs whenever the owner lets the
+    GIL go) is counted as scanned: every later take() starts past it, the scan of owned
+    mailboxes skips the mailbox, and the publish waits for a confirm it has, until its timeout
+    (KombuBroker then publishes the message again: a duplicate). It takes a channel that both
+    consumes and publishes with confirms, kombu's pattern on default_channel, which is one
+    channel per thread here. The hooks below make the reader's post land in that window."""
+    conn = connect(transport_options={"confirm_publish": True})
+    channel = conn.channel()
+    channel.queue_declare(queue_name, auto_delete=True)
+    target = unique()
+    channel.queue_declare(target, auto_delete=True)
+    for _ in range(2):
+        channel.basic_publish(amqp.Message(b"to consume"), exchange="", routing_key=queue_name)
+    channel.basic_consume(queue_name, callback=lambda message: None)
+    mailbox = channel._mailbox
+    assert wait_until(lambda: mailbox.pending_count() >= 2, 5), "no deliveries arrived"
+
+    ack_may_post, ack_posted = threading.Event(), threading.Event()
+    real_post, real_count = Mailbox.post, Mailbox.pending_count
+
+    def post(box: Mailbox, method: Any) -> Any:
+        if box is mailbox and method[0] == spec.Basic.Ack:
+            ack_may_post.wait(10)  # not before the owner's scan of the deliveries
+            try:
+                return real_post(box, method)
+            finally:
+                ack_posted.set()
+        return real_post(box, method)
+
+    def pending_count(box: Mailbox) -> int:
+        if box is mailbox and threading.current_thread() is threading.main_thread():
+            ack_may_post.set()  # take() has scanned: now the reader gets the GIL
+            ack_posted.wait(10)
+        return real_count(box)
+
+    monkeypatch.setattr(Mailbox, "post", post)
+    monkeypatch.setattr(Mailbox, "pending_count", pending_count)
+    try:
+        channel.basic_publish(amqp.Message(b"confirmed"), exchange="", routing_key=target,
+                              confirm_timeout=3)
+    finally:
+        ack_may_post.set()
