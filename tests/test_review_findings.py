@@ -89,8 +89,6 @@ def test_open_refused_while_blocked_leaves_no_channel_registered(connect) -> Non
     assert _channel_ids(amqp_connection) == before
 
 
-@pytest.mark.xfail(strict=True, reason="review: a publish refused before writing (blocked) "
-                   "leaves _publishing set: the next publish closes the healthy channel")
 def test_publish_refused_while_blocked_keeps_the_channel_usable(connect, queue_name) -> None:
     """channel.py basic_publish_confirm sets ``_publishing`` before _basic_publish, whose
     flow.wait_before_write raises PublishBlockedError before anything is written; the flag

@@ -18,6 +18,7 @@ from amqp.exceptions import AMQPError, MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
 from .errors import ChannelOwnershipError, ChannelTakenOverError, ConfirmsOutOfStepError, Failure
+from .flow import PublishBlockedError
 from .inbox import RETIRED, Mailbox
 
 logger = logging.getLogger(__name__)
@@ -255,7 +256,9 @@ class Channel(pyamqp.Channel):
     # first write to the counting: if a publish finds it still set, the earlier one was
     # interrupted, and the channel is closed with ConfirmsOutOfStepError (the pool, the
     # broker and default_channel then open a new one). Guessing the count instead would, when
-    # wrong the other way, make a publish wait for a confirm that never comes.
+    # wrong the other way, make a publish wait for a confirm that never comes. A publish the
+    # server's block refused (PublishBlockedError, raised before the write) clears the flag:
+    # KombuBroker keeps that channel, and its next publish must not close it as out of step.
     def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
         confirm_timeout = kwargs.pop("confirm_timeout", None)
         self._check_owner()
@@ -269,7 +272,12 @@ class Channel(pyamqp.Channel):
             self.events["basic_ack"].add(self._on_confirm_ack)
             self.events["basic_nack"].add(self._on_confirm_nack)
             self.confirm_select()
-        result = self._basic_publish(*args, **kwargs)
+        try:
+            result = self._basic_publish(*args, **kwargs)
+        except PublishBlockedError:
+            # Refused before anything was written (flow.py): the counts are still in step.
+            self._publishing = False
+            raise
         self._publish_seq += 1
         self._publishing = False
         seq = self._publish_seq
