@@ -98,8 +98,8 @@ class FrameWriter:
     message and goes on (to wait for its confirm, say); the writing thread sends everything
     queued before it lets the lock go. With many publishers this replaces a convoy on the lock
     (each waiter woken in turn, each needing the GIL back while it holds the lock) with one
-    system call per batch; with 64 threads publishing with confirms on one connection it
-    raised throughput from about 3,100 to 4,800 msg/s here.
+    system call per batch, which raises the throughput of many threads publishing with
+    confirms on one connection (figures in docs/architecture.md).
 
     Messages leave the queue inside the ``sendmsg`` call that sends them, so an asynchronous
     exception (dramatiq's TimeLimit), which CPython raises only between bytecodes, finds a
@@ -373,7 +373,7 @@ class FrameBuffer:
     """Receives into one reusable buffer and yields complete ``(type, channel, payload)`` frames.
 
     ``recv(n)`` allocates ``n`` bytes per read (above glibc's mmap threshold that is an mmap,
-    an mremap and a munmap per read, about 20 us of system time per confirmed publish here);
+    an mremap and a munmap per read: system time on every confirmed publish);
     ``recv_into`` the free end of a buffer kept for the connection's life allocates nothing.
     """
 

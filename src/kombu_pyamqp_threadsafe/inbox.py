@@ -31,9 +31,9 @@ class Wakeup:
     """Wakes one thread that sleeps in a system call.
 
     A thread blocked on a lock or a SimpleQueue wakes without the GIL and then waits for it a
-    second time; measured here, a thread-to-thread hop costs about 17 us that way against
-    about 3 us when the sleeper waits on an eventfd (the waker's write releases the GIL as it
-    wakes the sleeper). An eventfd where the platform has one, a pipe elsewhere.
+    second time; one that sleeps on an eventfd is woken by a write that releases the GIL, a
+    hop several times shorter (figures in docs/architecture.md). An eventfd where the platform
+    has one, a pipe elsewhere.
     """
 
     __slots__ = ("_read_fd", "_write_fd", "_poller", "__weakref__")
@@ -59,7 +59,7 @@ class Wakeup:
         if timeout is not None and not self._poller.poll(timeout * 1000):
             return
         # 8 bytes: an eventfd's counter. os.read allocates its buffer before it blocks, so a
-        # larger one is held by every sleeping thread (4 KB each, 3.6 MB for 900 threads); a
+        # larger one is held by every sleeping thread, megabytes with hundreds of threads; a
         # pipe keeps what is left, which only makes the next wait return at once.
         os.read(self._read_fd, 8)
 
