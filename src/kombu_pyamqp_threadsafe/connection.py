@@ -31,7 +31,7 @@ from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .flow import FlowControl
 from .frames import FrameWriter
-from .inbox import DEFERRED, Inbox
+from .inbox import Deferred, Inbox
 from .reader import Reader
 from .stats import ChannelTotals
 from .tls import TLSSocket
@@ -276,9 +276,9 @@ class Connection(pyamqp.Connection):
                         raise failure.for_caller()
                     return None
                 method = mailbox.take(inbox, defer, scanned.get(mailbox, 0))
-                if method is DEFERRED:
+                if isinstance(method, Deferred):
                     deferred.append(mailbox)
-                    scanned[mailbox] = mailbox.pending_count()
+                    scanned[mailbox] = method.scanned
                     continue
                 if method is None:
                     return None
