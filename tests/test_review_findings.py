@@ -350,8 +350,6 @@ def _exit_code_of_child(pid: int, timeout: float) -> int | None:
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="review: Mailbox._lock (and ChannelTotals.lock) are not "
-                   "reset after fork: a child collecting an inherited connection can hang")
 def test_child_collects_an_inherited_connection_whatever_locks_were_held_at_fork(
         connect) -> None:
     """forksafe.py resets the connection's own locks in the child, but not each channel's

@@ -484,6 +484,16 @@ class Connection(pyamqp.Connection):
         self._inboxes = weakref.WeakSet()
         self._local = threading.local()
         self._reader = None
+        # Locks a parent's thread may have held at fork(), which collecting the inherited
+        # connection here takes: each channel's mailbox's and the totals'. The flow Event's
+        # Condition, and close()'s Event, likewise (_fail() sets them).
+        self.channel_totals._after_fork_in_child()
+        self.flow._after_fork_in_child()
+        self._close_ok = threading.Event()
+        for channel in list((self.channels or {}).values()):
+            mailbox = getattr(channel, "_mailbox", None)
+            if mailbox is not None:
+                mailbox._after_fork_in_child()
         self._failure = Failure(
             ConnectionLostError,
             "AMQP connection was inherited across fork(); this process opens its own", None,

@@ -266,6 +266,11 @@ class Mailbox:
                     inbox.put(self)
         return previous
 
+    def _after_fork_in_child(self) -> None:
+        """Called by the inherited connection: a parent's thread may have held the lock at
+        fork() (an owner inside take(), a move_to()), and the child retires this mailbox."""
+        self._lock = threading.Lock()
+
     def retire(self) -> None:
         """The channel is gone: drop its methods and every reference that makes a cycle, so
         reference counting alone frees the channel, its mailbox and, once its thread ends, the
