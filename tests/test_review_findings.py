@@ -254,8 +254,6 @@ def test_close_interrupted_waiting_for_close_ok_collects_the_channel(connect,
 # ------------------------------------------------------------------ registry
 
 
-@pytest.mark.xfail(strict=True, reason="review: the last handle dropped without release() "
-                   "leaves the shared connection and its reader thread open for good")
 def test_last_handle_dropped_without_release_closes_the_connection(
         amqp_url, connection_name, server_connections) -> None:
     """registry.py SharedConnection.handles is a WeakSet: a kombu.Connection dropped without

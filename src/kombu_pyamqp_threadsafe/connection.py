@@ -140,6 +140,30 @@ class Connection(pyamqp.Connection):
         self._close_ok = threading.Event()
         forksafe.register(self)
 
+    # -- the kombu.Connections using it ----------------------------------------------------
+
+    #: The handles sharing this connection (registry.py sets it; None when not shared).
+    handles: weakref.WeakSet[Any] | None = None
+    _client: weakref.ref[Any] | None = None
+
+    # Upstream (kombu's transport): ``client`` is the kombu.Connection that opened the
+    # connection, a strong reference, and kombu reaches it from channels (maybe_declare's
+    # cache, Producer.connection). Here the reader thread keeps the connection alive, so a
+    # strong reference would keep its first handle alive too, and a handle dropped without
+    # release() could never be collected and close the connection (registry.py). Here it is
+    # weak: the handle that opened it while it lives, then any handle still sharing it.
+    @property
+    def client(self) -> Any:
+        ref = self._client
+        client = ref() if ref is not None else None
+        if client is None and self.handles is not None:
+            client = next(iter(self.handles), None)
+        return client
+
+    @client.setter
+    def client(self, client: Any) -> None:
+        self._client = weakref.ref(client) if client is not None else None
+
     # -- inboxes ---------------------------------------------------------------------------
 
     def _current_inbox(self) -> Inbox:
