@@ -271,13 +271,21 @@ class Mailbox:
         fork() (an owner inside take(), a move_to()), and the child retires this mailbox."""
         self._lock = threading.Lock()
 
-    def retire(self) -> None:
+    def retire(self) -> list[Method]:
         """The channel is gone: drop its methods and every reference that makes a cycle, so
         reference counting alone frees the channel, its mailbox and, once its thread ends, the
-        thread's inbox and eventfd (not whenever the cyclic collector runs)."""
+        thread's inbox and eventfd (not whenever the cyclic collector runs).
+
+        Returns the methods dropped. The owner is RETIRED before they are taken, so a method
+        the reader posts meanwhile is either among them or posted to RETIRED (post() says so).
+        """
         with self._lock:
-            self._pending.clear()
-            self._in_hand = None
             self.owner.owned.discard(self)
             self.owner = RETIRED
+            pending = self._pending
+            dropped = []
+            while pending:
+                dropped.append(pending.popleft())
+            self._in_hand = None
             self.channel = None
+        return dropped
