@@ -24,6 +24,7 @@ import amqp
 import dramatiq
 import pytest
 from amqp import spec
+from amqp.exceptions import AMQPError
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
@@ -389,3 +390,59 @@ def test_child_collects_an_inherited_connection_whatever_locks_were_held_at_fork
         release.set()
         holder.join(5)
     assert code == 0, "the child hung collecting the connection it inherited"
+
+
+@pytest.mark.xfail(strict=True, reason="review: a reply posted while drain_events scans "
+                   "deferred deliveries is skipped: a wait without timeout hangs for good")
+def test_reply_arriving_during_the_scan_of_deferred_deliveries_ends_the_wait(
+        connect, queue_name, monkeypatch) -> None:
+    """The same window as above, for a reply without a timeout: a queue declared on a channel
+    that consumes (kombu's Consumer.add_queue() then consume(), on the thread's channel) while
+    deliveries wait in its mailbox. The Declare-Ok is counted as scanned; each later delivery
+    rings, is deferred and moves the count past itself, so the wait never ends while the
+    connection lives."""
+    conn = connect()
+    channel = conn.channel()
+    channel.queue_declare(queue_name, auto_delete=True)
+    for _ in range(2):
+        channel.basic_publish(amqp.Message(b"to consume"), exchange="", routing_key=queue_name)
+    channel.basic_consume(queue_name, callback=lambda message: None)
+    mailbox = channel._mailbox
+    assert wait_until(lambda: mailbox.pending_count() >= 2, 5), "no deliveries arrived"
+
+    reply_may_post, reply_posted = threading.Event(), threading.Event()
+    real_post, real_count = Mailbox.post, Mailbox.pending_count
+
+    def post(box: Mailbox, method: Any) -> Any:
+        if box is mailbox and method[0] == spec.Queue.DeclareOk:
+            reply_may_post.wait(10)
+            try:
+                return real_post(box, method)
+            finally:
+                reply_posted.set()
+        return real_post(box, method)
+
+    def pending_count(box: Mailbox) -> int:
+        if box is mailbox and threading.current_thread().name == "declaring":
+            reply_may_post.set()
+            reply_posted.wait(10)
+        return real_count(box)
+
+    monkeypatch.setattr(Mailbox, "post", post)
+    monkeypatch.setattr(Mailbox, "pending_count", pending_count)
+    declared: list[Any] = []
+
+    def declare() -> None:
+        channel.adopt()  # this thread waits on the channel
+        with suppress(AMQPError, OSError):  # the connection's collect() below, if it hangs
+            declared.append(channel.queue_declare(unique(), auto_delete=True))
+
+    waiter = threading.Thread(target=declare, daemon=True, name="declaring")
+    try:
+        waiter.start()
+        waiter.join(5)
+        assert declared, "queue_declare() still waits for the Declare-Ok it was sent"
+    finally:
+        reply_may_post.set()
+        conn.connection.collect()  # wakes the waiter
+        waiter.join(5)
