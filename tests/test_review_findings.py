@@ -22,13 +22,16 @@ from typing import Any
 
 import amqp
 import dramatiq
+import kombu
 import pytest
 from amqp import spec
 from amqp.exceptions import AMQPError
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware.threading import raise_thread_exception
 from dramatiq.middleware.time_limit import TimeLimitExceeded
+from kombu import transport as kombu_transports
 
+import kombu_pyamqp_threadsafe as ts
 from broker_helpers import run_bounded, unique, wait_until
 from kombu_pyamqp_threadsafe.flow import PublishBlockedError
 from kombu_pyamqp_threadsafe.inbox import Mailbox
@@ -516,3 +519,59 @@ def test_close_interrupted_waiting_for_close_ok_still_wakes_every_waiter(connect
         gate.go.set()
         amqp_connection.collect()  # wakes the consumer
         consumer.join(5)
+
+
+# ------------------------------------------------------------------ default channel
+
+
+@pytest.mark.xfail(strict=True, reason="review: a collect() by another thread between "
+                   "ThreadChannel.current()'s connect and its default_channel raises "
+                   "RuntimeError, which no retry classifies")
+def test_default_channel_racing_another_threads_collect_raises_a_connection_error(
+        amqp_url) -> None:
+    """thread_channel.py ThreadChannel.current(): ``connection = client._ensure_connection()``
+    then ``client.transport.default_channel(connection)``. kombu's ensure() calls collect()
+    after a connection error (on a plain kombu.Connection on the shared transport: Celery's
+    route), which drops the transport; if that lands between the two lines, ``client.transport``
+    is a new Transport that never connected and default_channel() raises RuntimeError
+    ("default_channel before this transport opened a connection"): not a connection error,
+    so kombu's ensure() and Celery's retries do not retry it."""
+    aliases = dict(kombu_transports.TRANSPORT_ALIASES)
+    ts.add_shared_amqp_transport()
+    conn = kombu.Connection(amqp_url, transport="shared+amqp")
+    try:
+        channel = conn.default_channel
+        channel.basic_qos(0, 1, False)
+        conn.connection.collect()  # the connection failed (as after a network error)
+        connected, collected = threading.Event(), threading.Event()
+        real_ensure = conn._ensure_connection
+
+        def ensure_then_let_the_other_thread_collect(*args: Any, **kwargs: Any) -> Any:
+            result = real_ensure(*args, **kwargs)
+            if threading.current_thread().name == "publisher":
+                connected.set()
+                collected.wait(10)
+            return result
+
+        conn._ensure_connection = ensure_then_let_the_other_thread_collect
+        raised: list[BaseException] = []
+
+        def publisher() -> None:
+            try:
+                channel.basic_qos(0, 1, False)
+            except BaseException as exc:  # noqa: BLE001 - the test inspects it
+                raised.append(exc)
+
+        thread = threading.Thread(target=publisher, name="publisher", daemon=True)
+        thread.start()
+        assert connected.wait(10)
+        conn.collect()  # another thread's ensure() after its connection error
+        collected.set()
+        thread.join(10)
+        assert not [exc for exc in raised if not isinstance(exc, conn.connection_errors)], raised
+    finally:
+        with suppress(Exception):
+            conn.release()
+        kombu_transports.TRANSPORT_ALIASES.clear()
+        kombu_transports.TRANSPORT_ALIASES.update(aliases)
+        kombu_transports._transport_cache.clear()
