@@ -524,18 +524,15 @@ def test_close_interrupted_waiting_for_close_ok_still_wakes_every_waiter(connect
 # ------------------------------------------------------------------ default channel
 
 
-@pytest.mark.xfail(strict=True, reason="review: a collect() by another thread between "
-                   "ThreadChannel.current()'s connect and its default_channel raises "
-                   "RuntimeError, which no retry classifies")
 def test_default_channel_racing_another_threads_collect_raises_a_connection_error(
         amqp_url) -> None:
     """thread_channel.py ThreadChannel.current(): ``connection = client._ensure_connection()``
     then ``client.transport.default_channel(connection)``. kombu's ensure() calls collect()
     after a connection error (on a plain kombu.Connection on the shared transport: Celery's
     route), which drops the transport; if that lands between the two lines, ``client.transport``
-    is a new Transport that never connected and default_channel() raises RuntimeError
+    is a new Transport that never connected, and default_channel() raised RuntimeError
     ("default_channel before this transport opened a connection"): not a connection error,
-    so kombu's ensure() and Celery's retries do not retry it."""
+    so kombu's ensure() and Celery's retries did not retry it."""
     aliases = dict(kombu_transports.TRANSPORT_ALIASES)
     ts.add_shared_amqp_transport()
     conn = kombu.Connection(amqp_url, transport="shared+amqp")
