@@ -277,6 +277,38 @@ def test_last_handle_dropped_without_release_closes_the_connection(
 # ------------------------------------------------------------------ deferred deliveries
 
 
+def _post_lands_after_the_scan(monkeypatch: pytest.MonkeyPatch, mailbox: Mailbox,
+                               method_sig: Any, waiter: str) -> threading.Event:
+    """Hold the reader's post of ``method_sig`` to ``mailbox`` until thread ``waiter``'s
+    take() has scanned the mailbox and found only deferred deliveries, and let take() return
+    only once the post is in: the window between the scan and its count. Set the returned
+    Event to let everything through."""
+    may_post, posted = threading.Event(), threading.Event()
+    real_post, real_take = Mailbox.post, Mailbox.take
+
+    def post(box: Mailbox, method: Any) -> Any:
+        if box is mailbox and method[0] == method_sig:
+            may_post.wait(10)  # not before the owner's scan of the deliveries
+            try:
+                return real_post(box, method)
+            finally:
+                posted.set()
+        return real_post(box, method)
+
+    def take(box: Mailbox, *args: Any, **kwargs: Any) -> Any:
+        method = real_take(box, *args, **kwargs)
+        if (box is mailbox and threading.current_thread().name == waiter
+                and not may_post.is_set() and method is not None
+                and not (isinstance(method, tuple) and len(method) == 3)):  # deliveries only
+            may_post.set()  # take() has scanned: now the reader gets the GIL
+            posted.wait(10)
+        return method
+
+    monkeypatch.setattr(Mailbox, "post", post)
+    monkeypatch.setattr(Mailbox, "take", take)
+    return may_post
+
+
 def test_confirm_arriving_during_the_scan_of_deferred_deliveries_is_found(
         connect, queue_name, monkeypatch) -> None:
     """connection.py drain_events: after Mailbox.take() found only deferred deliveries (its
@@ -299,29 +331,8 @@ def test_confirm_arriving_during_the_scan_of_deferred_deliveries_is_found(
     mailbox = channel._mailbox
     assert wait_until(lambda: mailbox.pending_count() >= 2, 5), "no deliveries arrived"
 
-    ack_may_post, ack_posted = threading.Event(), threading.Event()
-    real_post, real_take = Mailbox.post, Mailbox.take
-
-    def post(box: Mailbox, method: Any) -> Any:
-        if box is mailbox and method[0] == spec.Basic.Ack:
-            ack_may_post.wait(10)  # not before the owner's scan of the deliveries
-            try:
-                return real_post(box, method)
-            finally:
-                ack_posted.set()
-        return real_post(box, method)
-
-    def take(box: Mailbox, *args: Any, **kwargs: Any) -> Any:
-        method = real_take(box, *args, **kwargs)
-        if (box is mailbox and threading.current_thread() is threading.main_thread()
-                and not ack_may_post.is_set() and method is not None
-                and not (isinstance(method, tuple) and len(method) == 3)):  # deliveries only
-            ack_may_post.set()  # take() has scanned: now the reader gets the GIL
-            ack_posted.wait(10)
-        return method
-
-    monkeypatch.setattr(Mailbox, "post", post)
-    monkeypatch.setattr(Mailbox, "take", take)
+    ack_may_post = _post_lands_after_the_scan(monkeypatch, mailbox, spec.Basic.Ack,
+                                              threading.main_thread().name)
     try:
         channel.basic_publish(amqp.Message(b"confirmed"), exchange="", routing_key=target,
                               confirm_timeout=3)
@@ -386,8 +397,6 @@ def test_child_collects_an_inherited_connection_whatever_locks_were_held_at_fork
     assert code == 0, "the child hung collecting the connection it inherited"
 
 
-@pytest.mark.xfail(strict=True, reason="review: a reply posted while drain_events scans "
-                   "deferred deliveries is skipped: a wait without timeout hangs for good")
 def test_reply_arriving_during_the_scan_of_deferred_deliveries_ends_the_wait(
         connect, queue_name, monkeypatch) -> None:
     """The same window as above, for a reply without a timeout: a queue declared on a channel
@@ -404,26 +413,8 @@ def test_reply_arriving_during_the_scan_of_deferred_deliveries_ends_the_wait(
     mailbox = channel._mailbox
     assert wait_until(lambda: mailbox.pending_count() >= 2, 5), "no deliveries arrived"
 
-    reply_may_post, reply_posted = threading.Event(), threading.Event()
-    real_post, real_count = Mailbox.post, Mailbox.pending_count
-
-    def post(box: Mailbox, method: Any) -> Any:
-        if box is mailbox and method[0] == spec.Queue.DeclareOk:
-            reply_may_post.wait(10)
-            try:
-                return real_post(box, method)
-            finally:
-                reply_posted.set()
-        return real_post(box, method)
-
-    def pending_count(box: Mailbox) -> int:
-        if box is mailbox and threading.current_thread().name == "declaring":
-            reply_may_post.set()
-            reply_posted.wait(10)
-        return real_count(box)
-
-    monkeypatch.setattr(Mailbox, "post", post)
-    monkeypatch.setattr(Mailbox, "pending_count", pending_count)
+    reply_may_post = _post_lands_after_the_scan(monkeypatch, mailbox, spec.Queue.DeclareOk,
+                                                "declaring")
     declared: list[Any] = []
 
     def declare() -> None:
@@ -458,8 +449,6 @@ class _GatedEvent(threading.Event):
         return super().wait(timeout)
 
 
-@pytest.mark.xfail(strict=True, reason="review: close() interrupted in its wait for Close-Ok "
-                   "never fails the connection: the reader stops quietly, waiters hang")
 def test_close_interrupted_waiting_for_close_ok_still_wakes_every_waiter(connect) -> None:
     """connection.py close(): Connection.Close is sent, then _close_ok.wait(); _fail() and
     _teardown() come after it, outside any finally. The reader's _on_close_ok() stops the

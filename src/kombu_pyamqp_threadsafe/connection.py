@@ -511,19 +511,23 @@ class Connection(pyamqp.Connection):
             if self._failure is None:
                 return super().close(reply_code, reply_text, method_sig, argsig)
             return None
-        if self._failure is None:
-            self.is_closing = True
-            try:
-                self.send_method(spec.Connection.Close, argsig,
-                                 (reply_code, reply_text, method_sig[0], method_sig[1]))
-                self._close_ok.wait(CLOSE_TIMEOUT)
-            except (OSError, AMQPError):
-                pass
-            finally:
-                self.is_closing = False
-        self._fail(Failure(ConnectionClosedError, "AMQP connection closed by the application",
-                           None))
-        self._teardown()
+        try:
+            if self._failure is None:
+                self.is_closing = True
+                try:
+                    self.send_method(spec.Connection.Close, argsig,
+                                     (reply_code, reply_text, method_sig[0], method_sig[1]))
+                    self._close_ok.wait(CLOSE_TIMEOUT)
+                except (OSError, AMQPError):
+                    pass
+                finally:
+                    self.is_closing = False
+        finally:
+            # Also when interrupted in the wait: the reader stops at the Close-Ok, so nothing
+            # else would fail the connection and wake the threads waiting on it.
+            self._fail(Failure(ConnectionClosedError,
+                               "AMQP connection closed by the application", None))
+            self._teardown()
         return None
 
     # -- fork ------------------------------------------------------------------------------
