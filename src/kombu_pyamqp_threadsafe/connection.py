@@ -31,6 +31,7 @@ from .channel import Channel
 from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .flow import FlowControl
 from .frames import FrameWriter
+from .greenlets import threads_are_greenlets
 from .inbox import RETIRED, Deferred, Inbox
 from .reader import Reader
 from .stats import ChannelTotals
@@ -533,7 +534,16 @@ class Connection(pyamqp.Connection):
     # -- fork ------------------------------------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child: never touch the parent's socket; fail so kombu reconnects."""
+        """In a forked child: never touch the parent's socket; fail so kombu reconnects.
+
+        Threads do not survive fork(), greenlets do (gevent's fork keeps them all): the
+        reader's ends quietly at its next look at the socket, and those waiting on an inbox
+        are woken to raise the failure instead of waiting for a reply that cannot come.
+        """
+        inherited = list(self._inboxes) if threads_are_greenlets() else []
+        reader = self._reader
+        if reader is not None:
+            reader.stop()
         self._inboxes_lock = threading.Lock()
         self._channel_ids_lock = threading.Lock()
         self._inboxes = weakref.WeakSet()
@@ -565,4 +575,5 @@ class Connection(pyamqp.Connection):
                 # parent's connection too.
                 with suppress(OSError):
                     sock.close()
-
+        for inbox in inherited:
+            inbox.wake()

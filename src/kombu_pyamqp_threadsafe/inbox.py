@@ -20,6 +20,7 @@ from time import monotonic
 from typing import Any, NamedTuple
 
 from . import forksafe
+from .greenlets import threads_are_greenlets
 
 #: A method as the reader hands it over: (method_sig, payload, content).
 Method = tuple[Any, Any, Any]
@@ -69,6 +70,40 @@ class Wakeup:
         os.read(self._read_fd, 8)
 
 
+#: The longest one wait on a gevent Event (s): a native thread's hub (gevent's thread pool)
+#: with nothing else to do takes a wait without a timeout for a deadlock (LoopExit), even
+#: though a set() from another thread would end it.
+MAX_GREENLET_WAIT = 60.0
+
+
+class GreenletWakeup:
+    """Wakes one greenlet under gevent's monkey-patching, where threads are greenlets in one
+    OS thread: a read of an eventfd would block that thread and every greenlet with it, the
+    reader's included. A gevent Event instead, which set() from any greenlet (or thread)
+    schedules in the hub. It holds no descriptor, so there is one per inbox, not per thread.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        from gevent.event import Event  # only in a process that gevent has patched
+
+        self._event = Event()
+
+    def set(self) -> None:
+        """Any greenlet: wake the sleeper (or make its next wait return at once)."""
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> None:
+        """The owning greenlet: sleep until set() or ``timeout`` seconds, then reset (a set()
+        after the reset makes the next wait return at once; the caller looks at its
+        doorbells in between). Without a timeout it returns after MAX_GREENLET_WAIT all the
+        same, and the caller, finding nothing, waits again."""
+        event = self._event
+        if event.wait(MAX_GREENLET_WAIT if timeout is None else timeout):
+            event.clear()
+
+
 def _close_pair(read_fd: int, write_fd: int) -> None:
     os.close(read_fd)
     os.close(write_fd)
@@ -97,7 +132,11 @@ _wakeups = _ThreadWakeups()
 forksafe.register(_wakeups)
 
 
-def thread_wakeup() -> Wakeup:
+def thread_wakeup() -> Wakeup | GreenletWakeup:
+    """The wake-up of a new inbox: its thread's eventfd, or under gevent a new GreenletWakeup
+    (decided when the inbox is made, so a module imported before the patch still follows it)."""
+    if threads_are_greenlets():
+        return GreenletWakeup()
     return _wakeups.get()
 
 

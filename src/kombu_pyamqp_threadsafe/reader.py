@@ -17,9 +17,46 @@ from typing import Any
 from amqp.exceptions import ConnectionForced
 
 from .frames import FrameBuffer, FrameWriter
+from .greenlets import threads_are_greenlets
 
 #: How often the reader wakes without traffic when heartbeats are off (to notice a stop).
 IDLE_TICK = 1.0
+
+
+def _poller() -> Any:
+    """A poll object for the reader's socket: select.poll(), or under gevent one whose wait
+    yields to the other greenlets (select.poll() would stop them all)."""
+    if threads_are_greenlets():
+        return _GreenletPoll()
+    return select.poll()
+
+
+class _Quiet(Exception):
+    """The reader's wait under gevent timed out (the next heartbeat tick is due)."""
+
+
+class _GreenletPoll:
+    """The reader's one use of select.poll() under gevent: wait until its socket is readable
+    or ``timeout`` ms. One gevent IO watcher for the reader's life (gevent's own poll makes
+    and drops one, two epoll_ctl calls, per call)."""
+
+    def __init__(self) -> None:
+        self._watcher: Any = None
+        self._wait: Any = None
+
+    def register(self, fd: int, eventmask: int) -> None:
+        from gevent import get_hub  # only in a process that gevent has patched
+        from gevent.socket import wait
+
+        self._watcher = get_hub().loop.io(fd, 1)  # 1: readable
+        self._wait = wait
+
+    def poll(self, timeout: float) -> bool:
+        try:
+            self._wait(self._watcher, timeout / 1000, _Quiet)
+        except _Quiet:
+            return False
+        return True
 
 
 class Reader:
@@ -67,7 +104,7 @@ class Reader:
         frames = self._frames
         frames.parse(on_frame)
         ring()
-        poller = select.poll()
+        poller = _poller()
         poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
         ssl_pending = getattr(sock, "pending", None)
         next_tick = monotonic() + self._tick

@@ -22,6 +22,7 @@ from amqp.exceptions import AMQPError
 
 from . import forksafe
 from .channel import Channel
+from .greenlets import thread_ended
 from .singleflight import SingleFlight
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Registry:
         """The calling thread's default channel on ``connection``, opened on first use.
 
         Channels of threads that have ended are closed when a new one is opened, so short-lived
-        threads do not use up the server's channel_max.
+        threads (greenlets too) do not use up the server's channel_max.
         """
         thread = threading.current_thread()
         channel = entry.thread_channels.get(thread)
@@ -133,7 +134,7 @@ class Registry:
         channel = connection.channel()
         with self._lock:
             entry.thread_channels[thread] = channel
-            ended = [t for t in entry.thread_channels if not t.is_alive()]
+            ended = [t for t in entry.thread_channels if thread_ended(t)]
             orphans = [entry.thread_channels.pop(t) for t in ended]
         for orphan in orphans:
             if orphan.connection is not None:

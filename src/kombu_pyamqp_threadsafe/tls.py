@@ -36,6 +36,8 @@ from itertools import islice, repeat, starmap, tee
 from time import monotonic
 from typing import Any
 
+from .greenlets import sockets_are_cooperative, system_socket
+
 #: The most plaintext one TLS record carries.
 RECORD_SIZE = 16 * 1024
 #: Bytes read from the raw socket at once.
@@ -61,6 +63,9 @@ class TLSSocket:
                  server_hostname: str | None = None, server_side: bool = False,
                  timeout: float | None = None) -> None:
         self._sock = sock
+        # Under gevent the reader's read that must not wait goes to the socket inside the
+        # cooperative one, which would wait for the rest of a record.
+        self._cooperative = sockets_are_cooperative()
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
@@ -184,7 +189,10 @@ class TLSSocket:
     def _raw_recv(self, flags: int) -> memoryview:
         """One read of the raw socket (outside the TLS lock); empty at its end."""
         scratch = self._scratch
-        return scratch[: self._sock.recv_into(scratch, 0, flags)]
+        sock = self._sock
+        if flags and self._cooperative:
+            sock = system_socket(sock)
+        return scratch[: sock.recv_into(scratch, 0, flags)]
 
     def _decrypt_into(self, view: memoryview, received: memoryview | None = None) -> int | None:
         """Under the TLS lock, hand ``received`` ciphertext to the TLS object (empty: the TCP

@@ -1,0 +1,47 @@
+"""Whether this process's threads are greenlets (gevent's ``monkey.patch_all()``).
+
+Patched, every ``threading.Thread`` (the reader included) is a greenlet in one OS thread, so a
+wait that gevent cannot see (a plain read of an eventfd, an unpatched ``poll``) stops them all.
+The two waits that differ, the inbox's wake-up and the reader's, ask here when they are made,
+and so does the TLS reader's non-blocking read; the registry asks whether a thread ended,
+which for a greenlet ``is_alive()`` does not say. gevent is imported only by a process that
+has already imported and applied it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+
+def _patched(module: str) -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched(module))
+
+
+def threads_are_greenlets() -> bool:
+    """True once gevent has patched ``threading`` in this process."""
+    return _patched("threading")
+
+
+def sockets_are_cooperative() -> bool:
+    """True once gevent has patched ``socket`` in this process."""
+    return _patched("socket")
+
+
+def system_socket(sock: Any) -> Any:
+    """The socket inside gevent's cooperative ``sock``, whose calls go straight to the system
+    (``_sock``, which gevent keeps non-blocking), for a read that must fail rather than wait:
+    gevent's own socket retries a read that would block once the socket is readable, whatever
+    the flags (``MSG_DONTWAIT`` included)."""
+    return getattr(sock, "_sock", sock)
+
+
+def thread_ended(thread: threading.Thread) -> bool:
+    """Whether ``thread`` has ended. A greenlet not started as a Thread (``gevent.spawn``, a
+    pool's, a WSGI server's) gets a dummy Thread whose ``is_alive()`` stays True; gevent takes
+    it out of threading's table of running threads when the greenlet ends, as threading does
+    for its own threads (``threading._active``, which typeshed leaves out)."""
+    running: dict[int | None, threading.Thread] = vars(threading)["_active"]
+    return not thread.is_alive() or running.get(thread.ident) is not thread

@@ -1,0 +1,3 @@
+from typing import Any
+
+def wait(watcher: Any, timeout: float | None = None, timeout_exc: Any = ...) -> None: ...
