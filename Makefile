@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # Lint every Python directory of the repository.
 LINT_PATHS := $(wildcard src tests stress examples)
 
-.PHONY: venv rabbitmq lint typecheck test suite stress bench cluster cluster-stop clean
+.PHONY: venv rabbitmq lint typecheck test suite stress bench bench-quick cluster cluster-stop clean
 
 # A venv made by another interpreter than PYTHON is an error (pick another VENV), never reused.
 define check_venv_python
@@ -66,12 +66,13 @@ stress: venv rabbitmq
 	fi
 	$(VENV_PY) -m stress.run $(STRESS_ARGS)
 
+# Every benchmark workload (stress/workloads/), one after the other; `bench-quick` is the smoke
+# run of the same (one short repeat, reports in stress/results/quick/).
 bench: venv rabbitmq
-	@if [ ! -f stress/bench.py ]; then \
-		echo "stress/bench.py does not exist yet: the benchmark harness has not landed." >&2; \
-		exit 1; \
-	fi
-	$(VENV_PY) -m stress.bench $(BENCH_ARGS)
+	$(VENV_PY) -m stress.runner --all $(BENCH_ARGS)
+
+bench-quick: venv rabbitmq
+	$(VENV_PY) -m stress.runner --all --quick $(BENCH_ARGS)
 
 # A local 3-node cluster beside the default server (AMQP 5691-5693); `make test` starts and stops
 # it by itself when the cluster tests run. See scripts/rabbitmq-cluster.

@@ -5,6 +5,8 @@
 - ``python -m stress.run``: the 900-thread dramatiq stress test on ``KombuBroker`` (lost and
   duplicated messages are counted by id), in-process or under the ``dramatiq`` CLI (``--cli``).
 - ``python -m stress.bench``: ``KombuBroker`` side by side with dramatiq's ``RabbitmqBroker``.
+- ``python -m stress.runner``: runs any benchmark workload of ``stress/workloads/`` (``--all``
+  for every one, as ``make bench`` does) and ``stress.report`` writes its results.
 
 Every run works in its own vhost ``stress-<hex>`` (created and deleted with ``rabbitmqctl``).
 Results go to ``stress/results/``.

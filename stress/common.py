@@ -4,23 +4,22 @@
   counts never mix with other test sessions on the same server;
 - samplers: this process's RSS, thread count and TCP connections to the AMQP port (psutil, exact
   and cheap), and the server-side connection count (``rabbitmqctl``, slow: poll every few s);
-- percentiles, medians, markdown tables, and running one benchmark case in a fresh subprocess.
+- percentiles, formatting and markdown tables (``stress.runner`` runs the benchmark cases).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import os
 import signal
-import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -31,7 +30,6 @@ from stress import rabbit_admin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "stress" / "results"
-RESULT_PREFIX = "RESULT "
 
 
 # ------------------------------------------------------------------------------------ URLs, vhost
@@ -74,6 +72,14 @@ def dedicated_vhost(tag: str, *, keep: bool = False) -> Iterator[str]:
                 rabbit_admin.delete_vhost(name)
             except rabbit_admin.RabbitmqctlError as exc:
                 print(f"warning: could not delete vhost {name}: {exc}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def vhost_session(tag: str) -> Iterator[dict[str, str]]:
+    """A :func:`dedicated_vhost` for a whole benchmark run: ``{"vhost": ..., "url": ...}``
+    (the URL of ``AMQP_URL``'s server for it), as a workload's ``session`` yields it."""
+    with dedicated_vhost(tag) as vhost:
+        yield {"vhost": vhost, "url": url_for_vhost(rabbit_admin.amqp_url(), vhost)}
 
 
 def server_sockets() -> dict[str, int] | None:
@@ -238,6 +244,18 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def choice_list(text: str, choices: Iterable[str], option: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``, each one of ``choices`` (an ArgumentTypeError naming
+    ``option`` and the choices otherwise)."""
+    allowed = list(choices)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    wrong = [n for n in names if n not in allowed]
+    if wrong or not names:
+        raise argparse.ArgumentTypeError(
+            f"{option} takes a comma-separated subset of {','.join(allowed)}, not {text!r}")
+    return names
+
+
 def split(total: int, parts: int) -> list[int]:
     """``total`` split into ``parts`` near-equal non-negative integers."""
     base, extra = divmod(total, parts)
@@ -266,16 +284,6 @@ def latency_summary(samples: list[float]) -> dict[str, float | None]:
     }
 
 
-def median_or_none(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def spread(values: Sequence[float | None]) -> tuple[float, float] | None:
-    present = [v for v in values if v is not None]
-    return (min(present), max(present)) if present else None
-
-
 # ------------------------------------------------------------------------------------ formatting
 
 
@@ -296,6 +304,10 @@ def fmt_rate(rate: float | None) -> str:
 
 def fmt_mib(nbytes: float | None) -> str:
     return "—" if nbytes is None else f"{nbytes / 2**20:,.0f} MiB"
+
+
+def fmt_threads(count: int) -> str:
+    return f"{count} thread" if count == 1 else f"{count} threads"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -325,51 +337,6 @@ def write_result(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-# ---------------------------------------------------------------------------- subprocess cases
-
-
-def emit_result(result: dict[str, Any]) -> None:
-    """Print a case's result for :func:`run_case` (the last ``RESULT`` line wins)."""
-    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
-    sys.stdout.flush()
-
-
-def run_case(module: str, case: dict[str, Any], timeout: float,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``python -m module --case JSON`` in a fresh process and return its result dict.
-
-    Never raises for a failing case: a crash, a timeout or a missing result becomes
-    ``{"ok": False, "error": ...}`` so one bad case cannot end a whole benchmark run.
-    """
-    cmd = [sys.executable, "-m", module, "--case", json.dumps(case)]
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stderr or b"")
-        if isinstance(tail, bytes):
-            tail = tail.decode(errors="replace")
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s", "stderr": tail[-2000:],
-                "wall": time.monotonic() - started}
-    result: dict[str, Any] | None = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            with contextlib.suppress(ValueError):
-                result = json.loads(line[len(RESULT_PREFIX):])
-    if result is None:
-        tail = proc.stderr.strip().splitlines()[-15:]
-        result = {"ok": False, "error": f"exit status {proc.returncode}, no result",
-                  "stderr": "\n".join(tail)}
-    elif proc.returncode != 0 and result.get("ok", True):
-        result["ok"] = False
-        result.setdefault("error", f"exit status {proc.returncode}")
-    if log is not None and proc.stderr.strip():
-        log(proc.stderr)
-    result["wall"] = time.monotonic() - started
-    return result
 
 
 def short_error(result: dict[str, Any], limit: int = 80) -> str:

@@ -43,12 +43,23 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from stress import fault_scenarios as fh
 from stress import rabbit_admin
 
+#: (flag, field of fh.Scale, type, help) of the options that size the cases.
+SCALE_OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--messages", "messages", int, "messages per case"),
+    ("--threads", "threads", int, "worker threads"),
+    ("--senders", "senders", int, "threads streaming the messages"),
+    ("--burst-senders", "burst_senders", int, "threads publishing flat out in network-reset"),
+    ("--rate", "send_rate", float, "messages per second streamed"),
+    ("--work-ms", "work_ms", float, "time each message takes in the actor"),
+    ("--processes", "cli_processes", int, "dramatiq CLI processes in the sigterm case"),
+]
 ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
 
 
@@ -65,21 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
                         f"{','.join(ORDER)}; none when --loops or --idle is given)")
     parser.add_argument("--skip", default="", help="comma-separated cases to leave out")
-    parser.add_argument("--messages", type=int, default=fh.SCRIPT_SCALE.messages,
-                        help="messages per case (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=fh.SCRIPT_SCALE.threads,
-                        help="worker threads (default %(default)s)")
-    parser.add_argument("--senders", type=int, default=fh.SCRIPT_SCALE.senders,
-                        help="threads streaming the messages (default %(default)s)")
-    parser.add_argument("--burst-senders", type=int, default=fh.SCRIPT_SCALE.burst_senders,
-                        help="threads publishing flat out in network-reset "
-                             "(default %(default)s)")
-    parser.add_argument("--rate", type=float, default=fh.SCRIPT_SCALE.send_rate,
-                        help="messages per second streamed (default %(default)s)")
-    parser.add_argument("--work-ms", type=float, default=fh.SCRIPT_SCALE.work_ms,
-                        help="time each message takes in the actor (default %(default)s)")
-    parser.add_argument("--processes", type=int, default=fh.SCRIPT_SCALE.cli_processes,
-                        help="dramatiq CLI processes in the sigterm case (default %(default)s)")
+    for flag, field, kind, what in SCALE_OPTIONS:
+        parser.add_argument(flag, dest=field, type=kind, default=getattr(fh.SCRIPT_SCALE, field),
+                            metavar=flag[2:].upper(), help=f"{what} (default %(default)s)")
     parser.add_argument("--loops", type=int, metavar="N",
                         help="resource hygiene: N faults in turn on one worker, threads, "
                              "file descriptors and server channels before vs after")
@@ -183,6 +182,40 @@ def _rate_deficits(log: list[tuple[float, int, str, object]], losses: list[float
     return deficits
 
 
+def guarded(title: str, section: Callable[[], list[str]]) -> list[str]:
+    """The lines of a report section; a section that raises is one problem line, not the end
+    of the run."""
+    try:
+        return section()
+    except Exception as exc:  # noqa: BLE001 - reported as a problem of the section
+        logging.exception("%s failed", title)
+        return [f"problem: {type(exc).__name__}: {exc}"]
+
+
+def hygiene(ctx: fh.Context, loops: int) -> list[str]:
+    """Resource hygiene: ``loops`` faults in turn on one worker, resources before vs after."""
+    result = fh.fault_loop(ctx, loops, progress=progress)
+    problems = result.problems + result.result.unexpected_logs[:3]
+    return [result.table(), "", f"faults: {dict(result.faults)}; messages: "
+            f"sent {result.result.sent}, lost {result.result.lost}, "
+            f"duplicates {result.result.duplicates}", ""] + [f"problem: {p}" for p in problems]
+
+
+def idle(ctx: fh.Context, seconds: float, heartbeat: float | None) -> list[str]:
+    """A worker idle for ``seconds`` still holds its connections and consumes."""
+    result = fh.idle_case(ctx, seconds, heartbeat=heartbeat, progress=progress)
+    return [f"heartbeat {result.heartbeat:g} s",
+            f"connections before: {result.ports_before}",
+            f"connections after:  {result.ports_after}",
+            f"heartbeat negotiated with the server: {result.server_heartbeat}",
+            f"'connection lost' warnings while idle: {result.lost_warnings}",
+            f"a message sent after the idle period: accepted in "
+            f"{result.send_after:.3f} s, processed "
+            + (f"{result.latency_after:.3f} s after it was sent"
+               if result.latency_after is not None else "never"), ""
+            ] + [f"problem: {p}" for p in result.problems]
+
+
 def close_cost(ctx: fh.Context, closes: int = 3) -> list[str]:
     """Issue 13's measurement: a full queue drained without a fault and with ``closes``
     forced closes; what the closes cost and how fast consumers resumed after each."""
@@ -211,9 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return cluster_faults.main([a for a in argv if a != "--cluster"])
     args = parse_args(argv)
-    scale = replace(fh.SCRIPT_SCALE, messages=args.messages, threads=args.threads,
-                    senders=args.senders, burst_senders=args.burst_senders,
-                    send_rate=args.rate, work_ms=args.work_ms, cli_processes=args.processes)
+    scale = replace(fh.SCRIPT_SCALE, **{field: getattr(args, field)
+                                        for _, field, _, _ in SCALE_OPTIONS})
     work_dir = Path(tempfile.mkdtemp(prefix="faults-"))
     log_file = work_dir / "run.log"
     logging.basicConfig(filename=log_file, level=logging.INFO,
@@ -246,47 +278,21 @@ def main(argv: list[str] | None = None) -> int:
                        f"(streamed by {scale.senders} threads at {scale.send_rate:g}/s, "
                        f"{scale.work_ms:g} ms of work each).", "",
                        fh.markdown_table(results), "", fh.details_table(results), ""]
+        sections: list[tuple[str, Callable[[], list[str]]]] = []
         if args.loops:
-            progress(f"fault loop: {args.loops} faults")
-            try:
-                hygiene = fh.fault_loop(ctx, args.loops, progress=progress)
-                problems = hygiene.problems + hygiene.result.unexpected_logs[:3]
-                report += [f"## Resource hygiene ({args.loops} faults)", "", hygiene.table(),
-                           "", f"faults: {dict(hygiene.faults)}; messages: "
-                           f"sent {hygiene.result.sent}, lost {hygiene.result.lost}, "
-                           f"duplicates {hygiene.result.duplicates}", ""]
-            except Exception as exc:  # noqa: BLE001
-                logging.exception("fault loop failed")
-                problems = [f"{type(exc).__name__}: {exc}"]
-            report += [f"problem: {p}" for p in problems]
-            failed |= bool(problems)
+            sections.append((f"Resource hygiene ({args.loops} faults)",
+                             lambda: hygiene(ctx, args.loops)))
         if args.idle:
-            progress(f"idle test: {args.idle:.0f} s")
-            try:
-                idle = fh.idle_case(ctx, args.idle, heartbeat=args.heartbeat, progress=progress)
-                problems = idle.problems
-                report += [f"## Idle for {args.idle:.0f} s (heartbeat {idle.heartbeat:g} s)", "",
-                           f"connections before: {idle.ports_before}",
-                           f"connections after:  {idle.ports_after}",
-                           f"heartbeat negotiated with the server: {idle.server_heartbeat}",
-                           f"'connection lost' warnings while idle: {idle.lost_warnings}",
-                           f"a message sent after the idle period: accepted in "
-                           f"{idle.send_after:.3f} s, processed "
-                           + (f"{idle.latency_after:.3f} s after it was sent"
-                              if idle.latency_after is not None else "never"), ""]
-            except Exception as exc:  # noqa: BLE001
-                logging.exception("idle test failed")
-                problems = [f"{type(exc).__name__}: {exc}"]
-            report += [f"problem: {p}" for p in problems]
-            failed |= bool(problems)
+            sections.append((f"Idle for {args.idle:.0f} s",
+                             lambda: idle(ctx, args.idle, args.heartbeat)))
         if args.close_cost:
-            progress(f"close cost: {scale.messages} messages, {args.close_cost} closes")
-            try:
-                lines = close_cost(ctx, args.close_cost)
-            except Exception as exc:  # noqa: BLE001
-                logging.exception("close cost failed")
-                lines = [f"problem: {type(exc).__name__}: {exc}"]
-            report += ["## Cost of forced closes", "", *lines]
+            sections.append((f"Cost of forced closes ({scale.messages} messages, "
+                             f"{args.close_cost} closes)",
+                             lambda: close_cost(ctx, args.close_cost)))
+        for title, section in sections:
+            progress(title)
+            lines = guarded(title, section)
+            report += [f"## {title}", "", *lines]
             failed |= any(line.startswith("problem:") for line in lines)
     text = "\n".join(report)
     print(text)

@@ -36,6 +36,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,21 +77,19 @@ OUTPUT = RESULTS_DIR / "run.md"
 # ------------------------------------------------------------------------------------ progress
 
 
+@dataclass
 class Monitor:
     """Prints the progress line and decides when the run is over."""
 
-    def __init__(self, args: argparse.Namespace, tracker: Tracker, total: int,
-                 sampler: ProcessSampler, poller: ServerConnectionPoller,
-                 seeding: threading.Thread | None, deadline: float | None) -> None:
-        self.args = args
-        self.tracker = tracker
-        self.total = total
-        self.sampler = sampler
-        self.poller = poller
-        self.seeding = seeding
-        self.deadline = deadline
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
+    args: argparse.Namespace
+    tracker: Tracker
+    total: int
+    sampler: ProcessSampler
+    poller: ServerConnectionPoller
+    seeding: threading.Thread | None
+    deadline: float | None
+    tty: bool = field(default_factory=sys.stderr.isatty)
+    started: float = field(default_factory=time.monotonic)
 
     def line(self, rate: float) -> str:
         t = self.tracker

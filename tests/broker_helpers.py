@@ -3,7 +3,8 @@ on the real RabbitMQ (no mocks).
 
 * :class:`BrokerEnv`: builds brokers and workers for one test and always tears them down
   (workers stopped, brokers closed, with bounded waits so a hang fails instead of blocking).
-* :class:`Recorder`: a thread-safe event log that tests wait on instead of sleeping.
+* :class:`Recorder`: a thread-safe event log that tests wait on instead of sleeping;
+  :func:`recording_actor`, an actor on its own queue that records its calls in one.
 * :func:`raw_channel`: a plain py-amqp connection to the session vhost, for publishing garbage,
   deleting queues and reading results behind the broker's back.
 """
@@ -15,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, NamedTuple
 
 import amqp
 import dramatiq
@@ -70,6 +71,35 @@ class Recorder:
     def wait(self, count: int, timeout: float) -> bool:
         """True once at least ``count`` items were recorded, False after ``timeout`` s."""
         return self.wait_for(lambda items: len(items) >= count, timeout)
+
+
+class Recording(NamedTuple):
+    """What :func:`recording_actor` makes: the actor, what its calls recorded, and its queue."""
+
+    actor: dramatiq.Actor[Any, Any]
+    seen: Recorder
+    queue: str
+
+
+def _the_argument(item: Any) -> Any:
+    return item
+
+
+def recording_actor(broker: Any, queue: str | None = None, *,
+                    record: Callable[..., Any] = _the_argument, **options: Any) -> Recording:
+    """An actor of ``broker`` on ``queue`` (a new unique one by default) whose every call adds
+    ``record(*args, **kwargs)`` (by default: its one argument) to a :class:`Recorder`.
+
+    ``options`` go to ``dramatiq.actor``; the actor is named after its queue unless
+    ``actor_name`` says otherwise, so several can share a broker."""
+    queue = queue or unique()
+    seen = Recorder()
+
+    def call(*args: Any, **kwargs: Any) -> None:
+        seen.add(record(*args, **kwargs))
+
+    options.setdefault("actor_name", f"record_{queue}")
+    return Recording(dramatiq.actor(call, broker=broker, queue_name=queue, **options), seen, queue)
 
 
 class BrokerEnv:

@@ -19,6 +19,7 @@ from broker_helpers import (
     Recorder,
     consumer_channels,
     raw_channel,
+    recording_actor,
     time_limits,
     unique,
     wait_until,
@@ -39,13 +40,7 @@ def _idle(vhost: str, queue: str) -> dict | None:
 
 def test_actor_messages_are_processed_and_acked_on_the_consumer_channel(env, vhost):
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def add(x, y, *, tag):
-        seen.add((x + y, tag))
-
+    add, seen, queue = recording_actor(broker, record=lambda x, y, *, tag: (x + y, tag))
     env.worker(broker, threads=8)
     messages = [add.send(i, 1, tag=f"t{i}") for i in range(100)]
     assert all(message.queue_name == queue for message in messages)
@@ -88,13 +83,7 @@ def test_retries_with_backoff_until_success(env):
 
 def test_delayed_message_arrives_after_its_delay(env):
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def later(sent_at):
-        seen.add(time.time() - sent_at)
-
+    later, seen, queue = recording_actor(broker, record=lambda sent_at: time.time() - sent_at)
     env.worker(broker, threads=2)
     start = time.time()
     message = later.send_with_options(args=(start,), delay=500)
@@ -109,13 +98,7 @@ def test_delayed_message_arrives_after_its_delay(env):
 
 def test_higher_priority_messages_are_processed_first(env):
     broker = env.broker(max_priority=10)
-    queue = unique()
-    order = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def job(priority, index):
-        order.add((priority, index))
-
+    job, order, queue = recording_actor(broker, record=lambda priority, index: (priority, index))
     for index in range(10):
         job.send_with_options(args=(0, index), broker_priority=0)
         job.send_with_options(args=(9, index), broker_priority=9)
@@ -150,13 +133,7 @@ def test_failing_actor_without_retries_is_dead_lettered(env):
 
 def test_undecodable_message_is_dead_lettered_and_the_worker_keeps_going(env, amqp_url):
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def ok(i):
-        seen.add(i)
-
+    ok, seen, queue = recording_actor(broker)
     broker.declare_queue(queue, ensure=True)
     env.worker(broker, threads=2)
     ok.send(1)
@@ -175,13 +152,7 @@ def test_undecodable_message_is_dead_lettered_and_the_worker_keeps_going(env, am
 
 def test_message_for_unknown_actor_is_dead_lettered(env):
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def known():
-        seen.add("known")
-
+    known, seen, queue = recording_actor(broker, record=lambda: "known")
     env.worker(broker, threads=2)
     broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="no_such_actor", args=(),
                                     kwargs={}, options={}))
@@ -223,13 +194,7 @@ def test_pipeline_passes_results_between_actors(env):
 
 def test_group_messages_are_all_processed(env):
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def member(i):
-        seen.add(i)
-
+    member, seen, queue = recording_actor(broker)
     env.worker(broker, threads=8)
     group = dramatiq.group([member.message(i) for i in range(25)])
     group.run()
@@ -282,14 +247,13 @@ def test_time_limit_dead_letters_and_worker_stays_healthy(env, server_connection
 
 def test_join_returns_when_drained_and_times_out_when_not(env):
     broker = env.broker()
-    queue = unique()
     idle_queue = unique()
-    seen = Recorder()
 
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(i):
+    def slowly(i):
         time.sleep(0.01)
-        seen.add(i)
+        return i
+
+    work, seen, queue = recording_actor(broker, record=slowly)
 
     @dramatiq.actor(broker=broker, queue_name=idle_queue)
     def never(i):
@@ -362,15 +326,20 @@ def test_flush_of_a_queue_not_yet_on_the_server_is_a_no_op(env, vhost):
 # -------------------------------------------------------------------------------------- interop
 
 
+def _sender_side(broker, queue):
+    """A newly named actor on ``queue`` that ``broker`` only sends: no worker of it runs."""
+
+    def sender_side(*args, **kwargs):
+        raise AssertionError(f"{broker!r} has no worker")
+
+    return dramatiq.actor(sender_side, broker=broker, queue_name=queue,
+                          actor_name=f"interop_{uuid.uuid4().hex[:6]}")
+
+
 def test_rabbitmq_broker_sends_kombu_broker_processes(env):
     reference = env.rabbitmq_broker()
     queue = unique()
-    name = f"interop_{uuid.uuid4().hex[:6]}"
-
-    @dramatiq.actor(broker=reference, queue_name=queue, actor_name=name)
-    def sender_side(i, *, text):
-        raise AssertionError("the reference broker has no worker")
-
+    sender_side = _sender_side(reference, queue)
     for i in range(20):
         sender_side.send_with_options(args=(i,), kwargs={"text": f"m{i}"},
                                       broker_priority=None)
@@ -378,12 +347,8 @@ def test_rabbitmq_broker_sends_kombu_broker_processes(env):
     assert reference.get_queue_message_counts(queue)[0] == 20
 
     broker = env.broker()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue, actor_name=name)
-    def receiver_side(i, *, text):
-        seen.add((i, text))
-
+    _, seen, _ = recording_actor(broker, queue, actor_name=sender_side.actor_name,
+                                 record=lambda i, *, text: (i, text))
     env.worker(broker, threads=4)
     assert seen.wait(21, timeout=30), seen.snapshot()
     assert sorted(seen.snapshot()) == [(i, f"m{i}") for i in range(20)] + [(20, "late")]
@@ -394,12 +359,7 @@ def test_rabbitmq_broker_sends_kombu_broker_processes(env):
 def test_kombu_broker_sends_rabbitmq_broker_processes(env):
     broker = env.broker()
     queue = unique()
-    name = f"interop_{uuid.uuid4().hex[:6]}"
-
-    @dramatiq.actor(broker=broker, queue_name=queue, actor_name=name)
-    def sender_side(i):
-        raise AssertionError("the kombu broker has no worker")
-
+    sender_side = _sender_side(broker, queue)
     for i in range(20):
         sender_side.send(i)
     sender_side.send_with_options(args=(20,), delay=300)
@@ -407,12 +367,7 @@ def test_kombu_broker_sends_rabbitmq_broker_processes(env):
 
     reference = env.rabbitmq_broker()
     dramatiq.set_broker(reference)
-    seen = Recorder()
-
-    @dramatiq.actor(broker=reference, queue_name=queue, actor_name=name)
-    def receiver_side(i):
-        seen.add(i)
-
+    _, seen, _ = recording_actor(reference, queue, actor_name=sender_side.actor_name)
     env.worker(reference, threads=4)
     assert seen.wait(21, timeout=30), seen.snapshot()
     assert sorted(seen.snapshot()) == list(range(21))
@@ -428,14 +383,12 @@ def test_worker_stop_mid_stream_neither_loses_nor_duplicates(env, vhost):
     """Worker.stop() lets the running actors finish (their acks must reach the server before
     the consumer channel closes) and hands the prefetched rest back to the queue."""
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
 
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(i):
+    def slowly(i):
         time.sleep(0.005)
-        seen.add(i)
+        return i
 
+    work, seen, queue = recording_actor(broker, record=slowly)
     for i in range(300):
         work.send(i)
     worker = env.worker(broker, threads=4)
@@ -491,13 +444,7 @@ def test_message_naming_another_queue_does_not_kill_a_worker_thread(env, amqp_ur
     and a miss is a KeyError that kills the worker thread (and leaves the message unacked):
     the consumer's proxy must carry the queue it was consumed from."""
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def job(tag):
-        seen.add(tag)
-
+    job, seen, queue = recording_actor(broker)
     broker.declare_queue(queue, ensure=True)
     stray = job.message("stray").copy(queue_name=unique("elsewhere"))
     with raw_channel(amqp_url) as channel:

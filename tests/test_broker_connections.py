@@ -24,12 +24,14 @@ from broker_helpers import (
     delete_queues,
     lock_held,
     pool_in_use,
+    recording_actor,
     run_bounded,
     time_limits,
     unique,
     wait_until,
 )
 from stress import rabbit_admin
+from transport_helpers import reap_child
 
 
 def _server_side_names(connection_name: str, vhost: str) -> list[str]:
@@ -127,15 +129,13 @@ def _stream(sender, count: int, pause: float, errors: Recorder) -> threading.Thr
 def test_consumer_connection_closed_by_server_mid_stream(env, vhost, server_connections):
     broker = env.broker()
     name = env.connection_name
-    queue = unique()
-    seen = Recorder()
-    errors = Recorder()
 
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(i):
+    def slowly(i):
         time.sleep(0.002)
-        seen.add(i)
+        return i
 
+    work, seen, queue = recording_actor(broker, record=slowly)
+    errors = Recorder()
     env.worker(broker, threads=8)
     stream = _stream(work, 300, 0.01, errors)
     assert seen.wait(60, timeout=30)
@@ -167,14 +167,8 @@ def test_consumer_connection_closed_by_server_mid_stream(env, vhost, server_conn
 def test_all_connections_closed_by_server_while_streaming(env, vhost, server_connections):
     broker = env.broker()
     name = env.connection_name
-    queue = unique()
-    seen = Recorder()
+    work, seen, queue = recording_actor(broker)
     errors = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(i):
-        seen.add(i)
-
     env.worker(broker, threads=8)
     stream = _stream(work, 300, 0.01, errors)
     assert seen.wait(50, timeout=30)
@@ -348,13 +342,7 @@ def test_publish_to_deleted_queue_redeclares_it_never_drops(env, vhost, amqp_url
 
 def test_publish_to_queue_deleted_under_a_running_worker(env, vhost, amqp_url):
     broker = env.broker(confirm_delivery=True)
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def task(i):
-        seen.add(i)
-
+    task, seen, queue = recording_actor(broker)
     env.worker(broker, threads=4)
     task.send(-1)
     assert seen.wait(1, timeout=15)
@@ -415,11 +403,8 @@ def test_fork_child_opens_its_own_connections(env, vhost, amqp_url, server_conne
         # The parent's connection is untouched and still its own.
         assert _server_side_names(f"{parent_name}-producer", vhost) == parent_side
     finally:
-        os.write(go_w, b"x")
-        os.close(go_w)
-        os.close(report_r)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = reap_child(pid, go_w, report_r)
+    assert code == 0
     assert server_connections.wait(f"dramatiq-kombu-{pid}-producer", 0, vhost=vhost) == 0
 
     task.send("parent-after")
@@ -465,13 +450,8 @@ def test_large_messages_from_many_threads_at_once(env, vhost):
     different threads at the same moment must never interleave on the shared socket."""
     broker = env.broker()
     name = env.connection_name
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def big(tag, payload):
-        seen.add((tag, len(payload), payload == tag[0] * len(payload)))
-
+    big, seen, queue = recording_actor(
+        broker, record=lambda tag, payload: (tag, len(payload), payload == tag[0] * len(payload)))
     env.worker(broker, threads=8)
     big.send("z0", "z")
     assert seen.wait(1, timeout=15)

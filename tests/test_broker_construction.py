@@ -16,7 +16,7 @@ import pika
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from broker_helpers import DEAD_MESSAGE_TTL, Recorder, unique
+from broker_helpers import DEAD_MESSAGE_TTL, recording_actor, unique
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
 from stress import rabbit_admin
 from transport_helpers import Proxy, have_openssl, make_tls_files, server_tls_context
@@ -216,17 +216,30 @@ def test_pika_parameter_that_cannot_map_raises_value_error_naming_it(arguments, 
         KombuBroker(**arguments)
 
 
+@pytest.mark.parametrize("name", ["confirm_timeout", "blocked_timeout"])
+@pytest.mark.parametrize("value", [0, -1, float("inf"), float("nan"), "5", True])
+def test_a_bound_of_a_wait_must_be_a_finite_positive_number_of_seconds(name, value):
+    with pytest.raises(ValueError, match=rf"^{name}\b.* must be a finite number of seconds > 0"):
+        KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/", **{name: value})
+
+
+@pytest.mark.parametrize("name", ["heartbeat", "connect_timeout"])
+@pytest.mark.parametrize("value", [-1, float("inf"), float("nan"), "5", True])
+def test_a_duration_that_may_be_zero_must_still_be_a_finite_number_of_seconds(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number of seconds >= 0"):
+        KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/", **{name: value})
+
+
+def test_a_retry_delay_must_be_a_finite_number_of_seconds():
+    with pytest.raises(ValueError, match=r"^retry_delay must be a finite number of seconds >= 0"):
+        KombuBroker(url="amqp://guest:guest@127.0.0.1:5672/?retry_delay=inf")
+
+
 def test_pika_style_construction_sends_and_consumes(env, vhost):
     """dramatiq's docs build ``RabbitmqBroker(host=...)``: the same call works unchanged."""
     broker = env.broker(url=None, host="127.0.0.1", port=5672, virtual_host=vhost,
                         credentials=pika.PlainCredentials("guest", "guest"), heartbeat=30)
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def record(n):
-        seen.add(n)
-
+    record, seen, _ = recording_actor(broker)
     env.worker(broker, threads=2)
     for n in range(5):
         record.send(n)

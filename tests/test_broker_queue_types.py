@@ -15,7 +15,14 @@ import pickle
 import dramatiq
 import pytest
 
-from broker_helpers import DEAD_MESSAGE_TTL, Recorder, raw_channel, unique, wait_until
+from broker_helpers import (
+    DEAD_MESSAGE_TTL,
+    Recorder,
+    raw_channel,
+    recording_actor,
+    unique,
+    wait_until,
+)
 from dramatiq_kombu_broker import KombuBroker, QueueArgumentsMismatch
 from dramatiq_kombu_broker.topology import inequivalent_argument
 from stress import rabbit_admin
@@ -93,13 +100,7 @@ def test_quorum_topology_is_declared_and_classic_stays_the_default(env, vhost):
 
 def test_worker_processes_immediate_and_delayed_messages_on_quorum_queues(env):
     broker = env.broker(queue_type="quorum")
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def record(n):
-        seen.add(n)
-
+    record, seen, queue = recording_actor(broker)
     env.worker(broker, threads=4)
     for n in range(20):
         record.send(n)

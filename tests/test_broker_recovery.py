@@ -21,6 +21,7 @@ from broker_helpers import (
     Recorder,
     close_connections_named,
     raw_channel,
+    recording_actor,
     run_bounded,
     unique,
     wait_until,
@@ -190,13 +191,7 @@ def test_consumer_recovers_in_place_after_its_connection_is_closed(env, vhost, c
     logged it and restarted the consumer after its fixed 3 s."""
     caplog.set_level(logging.INFO)
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(i):
-        seen.add(i)
-
+    work, seen, queue = recording_actor(broker)
     worker = env.worker(broker, threads=8)
     for i in range(100):
         work.send(i)
@@ -289,13 +284,7 @@ def test_queue_deleted_under_a_running_worker_is_declared_again(env, vhost, amqp
     and consumes on, before any message is sent (dramatiq's restart took 3 s before)."""
     caplog.set_level(logging.INFO)
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(i):
-        seen.add(i)
-
+    work, seen, queue = recording_actor(broker)
     worker = env.worker(broker, threads=2)
     work.send(0)
     assert seen.wait(1, timeout=15)
@@ -387,13 +376,7 @@ def test_delayed_messages_of_the_lost_channel_are_not_enqueued_twice(env, vhost)
     """The consumer thread's delayed messages came from the lost channel, which the server
     redelivers: kept, each would be enqueued when due AND again when its copy is due."""
     broker = env.broker()
-    queue = unique()
-    seen = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def work(tag):
-        seen.add(tag)
-
+    work, seen, queue = recording_actor(broker)
     worker = env.worker(broker, threads=2)
     assert wait_until(lambda: all(_consumers(worker).values()) and len(worker.consumers) == 2,
                       timeout=15)

@@ -17,11 +17,13 @@ from broker_helpers import (
     Recorder,
     close_connections_named,
     delete_queues,
+    recording_actor,
     unique,
     wait_until,
 )
 from dramatiq_kombu_broker.metrics import KombuBrokerCollector
 from kombu_pyamqp_threadsafe import ConnectionStats, connection_stats
+from transport_helpers import Worker, join_all, start_all
 
 
 def test_stats_add_up_across_connections_except_what_describes_the_current_one() -> None:
@@ -49,11 +51,9 @@ def test_confirmed_sends_from_many_threads_are_counted_exactly(env: BrokerEnv) -
         for i in range(per_thread):
             task.send(i)
 
-    workers = [threading.Thread(target=sender) for _ in range(threads)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(60)
+    senders = start_all([Worker(sender) for _ in range(threads)])
+    assert join_all(senders, 60) == []
+    assert [repr(w.error) for w in senders if w.error is not None] == []
     sent = threads * per_thread
     producer = broker.stats()["producer"]
     assert (producer.published, producer.confirmed, producer.nacked) == (sent, sent, 0)
@@ -95,12 +95,7 @@ def test_a_worker_counts_deliveries_acks_and_rejects(env: BrokerEnv) -> None:
 def test_a_mandatory_publish_to_a_missing_queue_is_counted_as_returned(
         env: BrokerEnv, amqp_url: str) -> None:
     broker = env.broker()
-    queue = unique()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def task() -> None:
-        pass
-
+    task, _, queue = recording_actor(broker, record=lambda: None)
     task.send()
     delete_queues(amqp_url, queue, f"{queue}.DQ", f"{queue}.XQ")
     task.send()  # returned unroutable, then declared again and sent again
@@ -128,12 +123,7 @@ def test_a_publish_the_server_nacks_is_counted_as_nacked(connect: Any) -> None:
 def test_a_forced_close_counts_a_reconnect_and_keeps_the_counts(
         env: BrokerEnv, vhost: str) -> None:
     broker = env.broker()
-    queue = unique()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def task() -> None:
-        pass
-
+    task, _, queue = recording_actor(broker, record=lambda: None)
     task.send()
     before = broker.stats()["producer"]
     assert before.reconnects == 0
@@ -189,13 +179,7 @@ def test_the_prometheus_collector_exposes_the_counts(env: BrokerEnv,
                                                     registry: CollectorRegistry) -> None:
     broker = env.broker()
     registry.register(KombuBrokerCollector(broker))
-    queue = unique()
-    done = Recorder()
-
-    @dramatiq.actor(broker=broker, queue_name=queue)
-    def task() -> None:
-        done.add(1)
-
+    task, done, queue = recording_actor(broker, record=lambda: 1)
     sent = 5
     for _ in range(sent):
         task.send()

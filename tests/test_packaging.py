@@ -9,12 +9,14 @@ package index through pip's cache: nothing of the test run's own environment lea
 
 from __future__ import annotations
 
+import email.parser
 import json
 import os
 import subprocess
 import sys
 import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,19 @@ def test_sdist_holds_what_its_tests_need_and_both_pass_twine_check(dist: Path) -
     assert not missing, f"the sdist lacks {missing}"
     assert any(name.startswith("tests/test_") for name in names)
     run(sys.executable, "-m", "twine", "check", "--strict", *sorted(dist.iterdir()), cwd=dist)
+
+
+def test_wheel_metadata_has_what_a_pypi_page_shows(dist: Path) -> None:
+    """The licence, the links of the project's sidebar and its development status."""
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = email.parser.Parser().parsestr(archive.read(name).decode())
+    assert metadata["License-Expression"] == "BSD-3-Clause"
+    urls = dict(url.split(", ", 1) for url in metadata.get_all("Project-URL", []))
+    assert {"Homepage", "Source", "Issues", "Documentation"} <= set(urls), urls
+    assert all(url.startswith("https://") for url in urls.values()), urls
+    assert any(c.startswith("Development Status :: ") for c in metadata.get_all("Classifier", []))
 
 
 def test_plain_install_has_the_transport_and_no_dramatiq(dist: Path, tmp_path: Path) -> None:

@@ -393,7 +393,8 @@ def test_pool_channel_given_back_by_an_interrupted_release_is_closed(connect):
 def test_channel_close_without_a_close_ok_is_bounded(connect, monkeypatch):
     """Channel.close() waited for Close-Ok without a timeout (also inside the broker's error
     path). The Close-Ok is kept from the channel here (the reader drops it); close() must give
-    up within its bound and forget the channel."""
+    up within its bound, and the channel's id must not be handed out again while the server
+    may still have the channel (its Close-Ok never came)."""
     monkeypatch.setattr(ts_channel, "CLOSE_OK_TIMEOUT", 0.5, raising=False)
     conn = connect()
     amqp_connection = conn.connection
@@ -403,7 +404,7 @@ def test_channel_close_without_a_close_ok_is_bounded(connect, monkeypatch):
     closer = start_all([Worker(channel.close)])
     assert join_all(closer, 5) == [], "close() still waits for its Close-Ok"
     assert isinstance(closer[0].error, OSError), repr(closer[0].error)
-    assert channel_id not in amqp_connection.channels
+    assert channel_id in amqp_connection._used_channel_ids  # reserved: not handed out again
     assert conn.default_channel.queue_declare("", exclusive=True).queue
 
 

@@ -19,10 +19,11 @@ from stress import rabbit_admin
 from transport_helpers import (
     Proxy,
     Worker,
+    assert_cycles_leak_nothing,
     join_all,
     kombu_connection,
-    open_fds,
     provoke_server_close,
+    reap_child,
     settled,
     start_all,
     url_for,
@@ -381,13 +382,7 @@ def test_server_close_and_reconnect_cycles_leak_no_threads_or_fds(connect, conne
         assert not conn.connected
         conn.ensure_connection(max_retries=3)
 
-    cycle()  # warm-up: lazily created objects exist from here on
-    threads_before = threading.active_count()
-    fds_before = open_fds()
-    for _ in range(100):
-        cycle()
-    assert settled(threading.active_count, threads_before + 2) <= threads_before + 2
-    assert settled(open_fds, fds_before + 2) <= fds_before + 2
+    threads_before = assert_cycles_leak_nothing(cycle)
     assert wait_message_count(conn.default_channel, queue_name, 101) == 101
     conn.default_channel.queue_delete(queue_name)
     conn.close()
@@ -408,13 +403,7 @@ def test_connect_close_cycles_leak_no_threads_or_fds(amqp_url, connection_name,
         finally:
             conn.close()
 
-    cycle()
-    threads_before = threading.active_count()
-    fds_before = open_fds()
-    for _ in range(100):
-        cycle()
-    assert settled(threading.active_count, threads_before + 2) <= threads_before + 2
-    assert settled(open_fds, fds_before + 2) <= fds_before + 2
+    assert_cycles_leak_nothing(cycle)
     assert server_connections.wait(connection_name, 0) == 0
 
 
@@ -515,11 +504,8 @@ def test_fork_child_reconnects_and_parent_keeps_working(connect, connection_name
                 if number == 0:
                     assert server_connections(connection_name) == 2
             finally:
-                os.write(to_child_w, b"x")
-                os.close(to_child_w)
-                os.close(to_parent_r)
-                _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
+                code = reap_child(pid, to_child_w, to_parent_r)
+            assert code == 0
     finally:
         stop.set()
         assert join_all([hammering], 10) == []

@@ -30,6 +30,30 @@ def publish(channel, body, routing_key, **kwargs):
                           routing_key=routing_key)
 
 
+def _start_drainer(conn, queue_name, name, timeout):
+    """A thread that consumes ``queue_name`` on a channel of its own and drains ``conn``
+    (``drain_events(timeout=timeout)``) until a message comes. Returns, once it consumes, the
+    thread, the list of bodies it receives and its channel."""
+    ready = threading.Event()
+    received = []
+    channels = []
+
+    def consumer():
+        channel = conn.channel()
+        channel.queue_declare(queue_name, auto_delete=True)
+        channel.basic_consume(queue_name, callback=lambda m: received.append(m.body),
+                              no_ack=True)
+        channels.append(channel)
+        ready.set()
+        while not received:
+            conn.drain_events(timeout=timeout)
+
+    drainer = Worker(consumer, name=name)
+    drainer.start()
+    assert ready.wait(10)
+    return drainer, received, channels[0]
+
+
 # ------------------------------------------------------------------------------- 1. routing
 
 
@@ -38,23 +62,7 @@ def test_channel_error_reaches_only_the_owning_thread(connect, queue_name):
     another thread drains the same connection: it sees nothing, its channel stays open and
     still receives a message published afterwards."""
     conn = connect()
-    ready = threading.Event()
-    consumer_channel = {}
-    received = []
-
-    def consumer():
-        channel = conn.channel()
-        channel.queue_declare(queue_name, auto_delete=True)
-        channel.basic_consume(queue_name, callback=lambda m: received.append(m.body),
-                              no_ack=True)
-        consumer_channel["channel"] = channel
-        ready.set()
-        while not received:
-            conn.drain_events(timeout=15)
-
-    drainer = Worker(consumer, name="drainer")
-    drainer.start()
-    assert ready.wait(10)
+    drainer, received, consumer_channel = _start_drainer(conn, queue_name, "drainer", 15)
 
     barrier = threading.Barrier(4)
 
@@ -84,13 +92,13 @@ def test_channel_error_reaches_only_the_owning_thread(connect, queue_name):
     assert drainer.is_alive(), repr(drainer.error)
     assert drainer.error is None
     assert received == []
-    assert consumer_channel["channel"].is_open
+    assert consumer_channel.is_open
 
     publish(conn.default_channel, b"after the errors", queue_name)
     assert join_all([drainer], 15) == []
     assert drainer.error is None, repr(drainer.error)
     assert received == [b"after the errors"]
-    assert consumer_channel["channel"].is_open
+    assert consumer_channel.is_open
 
 
 # ---------------------------------------------------------------- 2. publishers vs reader
@@ -101,21 +109,8 @@ def test_publishers_never_wait_behind_a_thread_blocked_in_drain_events(connect, 
     sink = f"{queue_name}-sink"
     main = conn.default_channel
     main.queue_declare(sink, auto_delete=False)
-    ready = threading.Event()
-    received = []
-
-    def consumer():
-        channel = conn.channel()
-        channel.queue_declare(queue_name, auto_delete=True)
-        channel.basic_consume(queue_name, callback=lambda m: received.append(m.body),
-                              no_ack=True)
-        ready.set()
-        while not received:
-            conn.drain_events(timeout=None)  # idle connection: blocks until the wake-up
-
-    drainer = Worker(consumer, name="blocked-drainer")
-    drainer.start()
-    assert ready.wait(10)
+    # No timeout: on the idle connection the drainer blocks until the wake-up.
+    drainer, received, _ = _start_drainer(conn, queue_name, "blocked-drainer", None)
 
     barrier = threading.Barrier(4)
 

@@ -323,18 +323,12 @@ def _expected_ids(publishers, per_publisher):
                   for n in range(publishers) for i in range(per_publisher))
 
 
-def _load_connection(tls_files, proxy, vhost, name):
+def _load_over_tls(tls_files, proxy, vhost, name, queue_name, publishers, per_publisher):
+    """:func:`_load` on a new amqps connection through ``proxy``: every body arrives once and
+    intact, and the connection is still up at the end (it is closed then)."""
     url = url_for(vhost, proxy.port, scheme="amqps", host="localhost")
-    return kombu_connection(url, name, ssl={"ca_certs": tls_files["ca"]},
+    conn = kombu_connection(url, name, ssl={"ca_certs": tls_files["ca"]},
                             transport_options={"confirm_publish": True})
-
-
-def test_amqps_100_publishers_with_confirms_and_consumers(tls_files, tls_proxy, vhost,
-                                                          connection_name, queue_name):
-    """20,000 confirmed publishes from 100 threads and 4 consumers on one amqps connection:
-    every body arrives once and intact, and nothing fails."""
-    publishers, per_publisher = 100, 200
-    conn = _load_connection(tls_files, tls_proxy, vhost, connection_name)
     try:
         conn.ensure_connection(max_retries=3)
         received, damaged = _load(conn, queue_name, publishers, per_publisher)
@@ -343,6 +337,14 @@ def test_amqps_100_publishers_with_confirms_and_consumers(tls_files, tls_proxy, 
         assert conn.connected
     finally:
         conn.close()
+
+
+def test_amqps_100_publishers_with_confirms_and_consumers(tls_files, tls_proxy, vhost,
+                                                          connection_name, queue_name):
+    """20,000 confirmed publishes from 100 threads and 4 consumers on one amqps connection:
+    every body arrives once and intact, and nothing fails."""
+    _load_over_tls(tls_files, tls_proxy, vhost, connection_name, queue_name,
+                   publishers=100, per_publisher=200)
 
 
 class _Tracker:
@@ -479,14 +481,8 @@ def test_amqps_tls_object_is_used_by_one_thread_at_a_time(tls_files, tls_proxy, 
     are ever inside the TLS object at once; no raw socket call is made holding the TLS lock;
     the reader thread never makes a blocking socket call; writes were combined."""
     publishers, per_publisher = 40, 100
-    conn = _load_connection(tls_files, tls_proxy, vhost, connection_name)
-    try:
-        conn.ensure_connection(max_retries=3)
-        received, damaged = _load(conn, queue_name, publishers, per_publisher)
-        assert damaged == []
-        assert sorted(received) == _expected_ids(publishers, per_publisher)
-    finally:
-        conn.close()
+    _load_over_tls(tls_files, tls_proxy, vhost, connection_name, queue_name, publishers,
+                   per_publisher)
     tracker = tls_tracker
     assert tracker.overlaps == []
     # The instrumentation saw real traffic, from the reader and from many writing threads.

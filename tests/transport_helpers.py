@@ -5,12 +5,16 @@
   it terminates TLS.
 * :func:`make_tls_files`: a throw-away CA and a ``localhost`` server certificate (openssl CLI).
 * :class:`Worker`: a daemon thread that records its result, its exception and when it raised.
-* :func:`open_fds` (from ``stress.resources``) / :func:`settled`: leak accounting.
+* :func:`reap_child`: lets a forked child end and reaps it, with a deadline.
+* :func:`open_fds` (from ``stress.resources``) / :func:`settled` /
+  :func:`assert_cycles_leak_nothing`: leak accounting.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import ssl
 import subprocess
 import threading
@@ -99,6 +103,23 @@ def join_all(workers: list[threading.Thread], timeout: float) -> list[threading.
     return [worker for worker in workers if worker.is_alive()]
 
 
+def reap_child(pid: int, go: int, report: int, timeout: float = 30.0) -> int:
+    """Let a forked child that waits for a byte on pipe ``go`` end, close the parent's ends of
+    both pipes and reap the child within ``timeout`` s (killed after that, an AssertionError);
+    returns its exit code."""
+    try:
+        os.write(go, b"x")
+    finally:
+        os.close(go)
+        os.close(report)
+    reaped, status = poll(lambda: os.waitpid(pid, os.WNOHANG), lambda r: r[0] == pid, timeout)
+    if reaped != pid:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise AssertionError(f"the forked child {pid} did not end within {timeout} s")
+    return os.waitstatus_to_exitcode(status)
+
+
 
 # ------------------------------------------------------------------------------------ accounting
 
@@ -106,6 +127,22 @@ def join_all(workers: list[threading.Thread], timeout: float) -> list[threading.
 def settled(measure: Callable[[], int], limit: int, timeout: float = 5.0) -> int:
     """Poll ``measure()`` until it is <= ``limit`` (threads and sockets end asynchronously)."""
     return poll(measure, lambda value: value <= limit, timeout)
+
+
+def assert_cycles_leak_nothing(cycle: Callable[[], Any], times: int = 100, slack: int = 2) -> int:
+    """Run ``cycle`` once (objects made lazily exist from then on), then ``times`` times more:
+    threads and open descriptors may grow by ``slack`` at most. Returns the thread count from
+    before the ``times`` cycles."""
+    cycle()
+    threads_before = threading.active_count()
+    fds_before = open_fds()
+    for _ in range(times):
+        cycle()
+    threads = settled(threading.active_count, threads_before + slack)
+    assert threads <= threads_before + slack, f"{threads - threads_before} more threads"
+    fds = settled(open_fds, fds_before + slack)
+    assert fds <= fds_before + slack, f"{fds - fds_before} more open descriptors"
+    return threads_before
 
 
 # ---------------------------------------------------------------------------------------- TLS

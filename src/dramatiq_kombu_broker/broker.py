@@ -313,8 +313,8 @@ class KombuBroker(Broker):
         """Run ``use(channel)`` on the calling thread's channel of the producer connection.
 
         A thread keeps its lease on a pooled channel while it lives: taking and giving back a
-        lease per send took about 15% of the time of 64 sending threads, mostly waiting for the
-        pool's lock. After an error the lease is given back and its channel
+        lease per send made many sending threads wait for the pool's lock (figures in
+        docs/architecture.md). After an error the lease is given back and its channel
         closed (it may have a confirm in flight); when the thread ends the lease is dropped and
         the pool closes its channel at the next acquire().
         """

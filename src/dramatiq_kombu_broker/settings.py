@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,15 +106,9 @@ class BrokerSettings:
                 f"max_priority must be an integer from 1 to 255, got {self.max_priority!r}"
             )
         for name in ("heartbeat", "connect_timeout", "retry_delay"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        if not (_is_number(self.confirm_timeout) and self.confirm_timeout > 0):
-            raise ValueError(f"confirm_timeout must be a number of seconds > 0, "
-                             f"got {self.confirm_timeout!r}")
-        if not (_is_number(self.blocked_timeout) and self.blocked_timeout > 0):
-            raise ValueError(f"blocked_timeout (blocked_connection_timeout) must be a number of "
-                             f"seconds > 0, got {self.blocked_timeout!r}")
+            _check_seconds(name, getattr(self, name), zero_ok=True)
+        _check_seconds("confirm_timeout", self.confirm_timeout)
+        _check_seconds("blocked_timeout (blocked_connection_timeout)", self.blocked_timeout)
         if isinstance(self.connection_attempts, bool) or not (
             isinstance(self.connection_attempts, int) and self.connection_attempts >= 1
         ):
@@ -176,6 +171,15 @@ class BrokerSettings:
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _check_seconds(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    """Refuse a duration that is not a finite number of seconds above 0 (or 0 too, with
+    ``zero_ok``): a bound of 0 fails every wait at once, and ``inf`` is no bound (it overflows
+    the waits it reaches, at first use instead of here)."""
+    least = ">=" if zero_ok else ">"
+    if not (_is_number(value) and math.isfinite(value) and (value > 0 or zero_ok and value == 0)):
+        raise ValueError(f"{name} must be a finite number of seconds {least} 0, got {value!r}")
 
 
 #: Where each pika tuning value goes in BrokerSettings.

@@ -15,9 +15,11 @@ from typing import Any
 
 from amqp import spec
 from amqp.exceptions import AMQPError, MessageNacked, RecoverableConnectionError
+from amqp.serialization import dumps
 from kombu.transport import pyamqp
 
 from .errors import ChannelOwnershipError, ChannelTakenOverError, ConfirmsOutOfStepError, Failure
+from .flow import PublishBlockedError
 from .inbox import RETIRED, Mailbox
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ class Channel(pyamqp.Channel):
     _mailbox: Mailbox
     #: A confirm on this channel timed out: close() then does not wait for the Close-Ok.
     _confirm_timed_out = False
+    #: Its open or close broke off (see _abandon): the reader collects it once the server is
+    #: done with it.
+    _abandoned = False
 
     def __init__(self, connection: Any, channel_id: int | None = None, *args: Any,
                  **kwargs: Any) -> None:
@@ -58,9 +63,9 @@ class Channel(pyamqp.Channel):
             self._mailbox.retire()
             raise
         # Upstream gives every channel a queue.Queue, ``returned_messages``, that neither
-        # py-amqp nor kombu ever fills (returned messages go to the basic_return event). It
-        # weighs about 4 KB with its three Conditions, half of a channel: with a channel per
-        # thread, 900 threads paid 4 MB for it. Here it is an empty tuple.
+        # py-amqp nor kombu ever fills (returned messages go to the basic_return event). With
+        # its three Conditions it weighs about as much as the rest of a channel, paid once per
+        # thread with a channel per thread (docs/architecture.md). Here it is an empty tuple.
         self.returned_messages = ()
 
     @property
@@ -191,10 +196,6 @@ class Channel(pyamqp.Channel):
                 return super().wait(method, callback=callback,
                                     timeout=self._close_ok_timeout() if closing else timeout,
                                     returns_tuple=returns_tuple)
-        except TimeoutError:
-            if closing:  # see close()
-                self.collect()
-            raise
         except RecoverableConnectionError:
             if self.connection is None:  # upstream's "already closed": closed by whom?
                 self._check_still_owned(connection._thread_inbox())
@@ -205,17 +206,67 @@ class Channel(pyamqp.Channel):
         (a hung queue leader) may hold the Close-Ok as long."""
         return 0.0 if self._confirm_timed_out else CLOSE_OK_TIMEOUT
 
+    # Upstream: opens in the calling thread, which waits for Open-Ok; the channel is in the
+    # connection's channels from __init__ on, so one whose open breaks off stays there. Here
+    # it is abandoned (see _abandon).
+    def open(self) -> Any:
+        connection = self.connection
+        if self.is_open or connection is None:
+            return super().open()
+        try:
+            return super().open()
+        except BaseException:
+            self._abandon(connection)
+            raise
+
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
     # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
     # consumers from the main thread while their own thread is blocked in drain_events), and
-    # waits at most _close_ok_timeout() without a reply: then the channel is forgotten here
-    # (collected) and TimeoutError, an OSError, is raised (ids go round-robin, so a late
-    # Close-Ok finds no channel).
+    # waits at most _close_ok_timeout() without a reply, then raises TimeoutError (an OSError).
+    # A close that breaks off (that timeout, an interrupt) abandons the channel; so does one
+    # the server's block refuses (the Close-Ok would come only after the alarm), which returns
+    # as closed.
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple[int, int] = (0, 0),
               argsig: str = "BsBB") -> Any:
-        if self.is_open:
-            self.adopt()
-        return super().close(reply_code, reply_text, method_sig, argsig)
+        connection = self.connection
+        if not self.is_open or connection is None:
+            return super().close(reply_code, reply_text, method_sig, argsig)
+        self.adopt()
+        close_args = (reply_code, reply_text, method_sig[0], method_sig[1])
+        try:
+            return super().close(reply_code, reply_text, method_sig, argsig)
+        except PublishBlockedError:
+            self._abandon(connection, close_args)
+            return None
+        except BaseException:
+            self._abandon(connection, close_args)
+            raise
+
+    # Upstream: a channel whose open or close breaks off stays in the connection's channels,
+    # holding its id, and open on the server, held by nobody (close() forgets its connection
+    # first, so nothing frees it later). Here it leaves its owner and, if the server has it
+    # open, is closed on the wire; the reader collects it, freeing its id, when the server's
+    # Close-Ok (or Close) comes, so the id is never reused while the server still has the
+    # channel (connection._settle_abandoned). A channel the server never heard of (its Open
+    # refused before the write) is collected at once.
+    def _abandon(self, connection: Any, close_args: tuple[int, str, int, int] = (0, "", 0, 0),
+                 ) -> None:
+        channel_id = self.channel_id
+        channels = connection.channels
+        if (self._abandoned or channel_id is None or channels is None
+                or channels.get(channel_id) is not self):
+            return  # collected already: the server is done with it
+        self._abandoned = True  # read by the reader before it posts to the mailbox
+        self.is_open = False  # closed as far as its users go
+        for method in self._mailbox.retire():  # a Close-Ok among them settles it
+            connection._settle_abandoned(self, method[0])
+        writer = connection.frame_writer
+        state = writer.wire_state(channel_id) if connection._failure is None else None
+        if state is None:
+            connection._settle_abandoned(self, None)
+        elif state == "open":
+            with suppress(AMQPError, OSError):
+                writer(1, channel_id, spec.Channel.Close, dumps("BsBB", close_args), None)
 
     # Upstream: when the server's Close crosses ours, answers it and keeps waiting for a Close-Ok
     # that RabbitMQ does not always send. Here the server's Close completes our close.
@@ -255,7 +306,9 @@ class Channel(pyamqp.Channel):
     # first write to the counting: if a publish finds it still set, the earlier one was
     # interrupted, and the channel is closed with ConfirmsOutOfStepError (the pool, the
     # broker and default_channel then open a new one). Guessing the count instead would, when
-    # wrong the other way, make a publish wait for a confirm that never comes.
+    # wrong the other way, make a publish wait for a confirm that never comes. A publish the
+    # server's block refused (PublishBlockedError, raised before the write) clears the flag:
+    # KombuBroker keeps that channel, and its next publish must not close it as out of step.
     def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
         confirm_timeout = kwargs.pop("confirm_timeout", None)
         self._check_owner()
@@ -269,7 +322,12 @@ class Channel(pyamqp.Channel):
             self.events["basic_ack"].add(self._on_confirm_ack)
             self.events["basic_nack"].add(self._on_confirm_nack)
             self.confirm_select()
-        result = self._basic_publish(*args, **kwargs)
+        try:
+            result = self._basic_publish(*args, **kwargs)
+        except PublishBlockedError:
+            # Refused before anything was written (flow.py): the counts are still in step.
+            self._publishing = False
+            raise
         self._publish_seq += 1
         self._publishing = False
         seq = self._publish_seq

@@ -32,7 +32,7 @@ from .errors import ConnectionClosedError, ConnectionLostError, Failure
 from .flow import FlowControl
 from .frames import FrameWriter
 from .greenlets import threads_are_greenlets
-from .inbox import DEFERRED, Inbox
+from .inbox import RETIRED, Deferred, Inbox
 from .reader import Reader
 from .stats import ChannelTotals
 from .tls import TLSSocket
@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: Methods a thread waiting for a reply or a confirm leaves for its next drain_events().
 DELIVERIES = frozenset({spec.Basic.Deliver})
+#: What ends the server's part of an abandoned channel.
+_SETTLING = frozenset({spec.Channel.CloseOk, spec.Channel.Close})
 #: How long close() waits for the server's Close-Ok before dropping the socket anyway.
 CLOSE_TIMEOUT = 5.0
 #: How long teardown waits for the reader thread to notice the socket is gone.
@@ -130,7 +132,8 @@ class Connection(pyamqp.Connection):
         # when the connection fails is woken exactly once).
         self._inboxes_lock = threading.Lock()
         self._inboxes: weakref.WeakSet[Inbox] = weakref.WeakSet()
-        # Guards channel id allocation (upstream's check-then-append on _used_channel_ids).
+        # Guards channel id allocation (upstream's check-then-append on _used_channel_ids) and
+        # the collection of abandoned channels (_settle_abandoned).
         self._channel_ids_lock = threading.Lock()
         self._last_channel_id = 0
         self._local = threading.local()
@@ -140,6 +143,30 @@ class Connection(pyamqp.Connection):
         self._doorbells: list[tuple[Inbox, Any]] = []
         self._close_ok = threading.Event()
         forksafe.register(self)
+
+    # -- the kombu.Connections using it ----------------------------------------------------
+
+    #: The handles sharing this connection (registry.py sets it; None when not shared).
+    handles: weakref.WeakSet[Any] | None = None
+    _client: weakref.ref[Any] | None = None
+
+    # Upstream (kombu's transport): ``client`` is the kombu.Connection that opened the
+    # connection, a strong reference, and kombu reaches it from channels (maybe_declare's
+    # cache, Producer.connection). Here the reader thread keeps the connection alive, so a
+    # strong reference would keep its first handle alive too, and a handle dropped without
+    # release() could never be collected and close the connection (registry.py). Here it is
+    # weak: the handle that opened it while it lives, then any handle still sharing it.
+    @property
+    def client(self) -> Any:
+        ref = self._client
+        client = ref() if ref is not None else None
+        if client is None and self.handles is not None:
+            client = next(iter(self.handles), None)
+        return client
+
+    @client.setter
+    def client(self, client: Any) -> None:
+        self._client = weakref.ref(client) if client is not None else None
 
     # -- inboxes ---------------------------------------------------------------------------
 
@@ -222,9 +249,33 @@ class Connection(pyamqp.Connection):
         if channel is None:
             logger.debug("dropped %s for unknown channel %s", method_sig, channel_id)
             return None
+        if channel._abandoned:
+            self._settle_abandoned(channel, method_sig)
+            return None
         mailbox = channel._mailbox
-        self._doorbells.append((mailbox.post((method_sig, payload, content)), mailbox))
+        inbox = mailbox.post((method_sig, payload, content))
+        if inbox is RETIRED:  # collected or abandoned since the check (Mailbox.retire)
+            if channel._abandoned:
+                self._settle_abandoned(channel, method_sig)
+            return None
+        self._doorbells.append((inbox, mailbox))
         return None
+
+    def _settle_abandoned(self, channel: Any, method_sig: Any) -> None:
+        """Reader thread (or the abandoning one): an abandoned channel (Channel._abandon) is
+        collected, freeing its id, once the server is done with it: on its Close-Ok, or on
+        the server's own Close (answered), or at once (``method_sig`` None: it never heard of
+        the channel). Anything else for it (an Open-Ok, a delivery in flight) is dropped."""
+        if method_sig is not None and method_sig not in _SETTLING:
+            return
+        with self._channel_ids_lock:  # once, whoever of the two comes first
+            channel_id = channel.channel_id
+            if channel_id is None:
+                return
+            channel.connection = self  # upstream close() forgot it; collect() needs it
+            channel.collect()
+        if method_sig == spec.Channel.Close:
+            self.frame_writer.queue_method(channel_id, spec.Channel.CloseOk)
 
     def _ring_doorbells(self) -> None:
         """Reader thread, after each read: wake the owners of what it brought."""
@@ -277,9 +328,9 @@ class Connection(pyamqp.Connection):
                         raise failure.for_caller()
                     return None
                 method = mailbox.take(inbox, defer, scanned.get(mailbox, 0))
-                if method is DEFERRED:
+                if isinstance(method, Deferred):
                     deferred.append(mailbox)
-                    scanned[mailbox] = mailbox.pending_count()
+                    scanned[mailbox] = method.scanned
                     continue
                 if method is None:
                     return None
@@ -461,19 +512,23 @@ class Connection(pyamqp.Connection):
             if self._failure is None:
                 return super().close(reply_code, reply_text, method_sig, argsig)
             return None
-        if self._failure is None:
-            self.is_closing = True
-            try:
-                self.send_method(spec.Connection.Close, argsig,
-                                 (reply_code, reply_text, method_sig[0], method_sig[1]))
-                self._close_ok.wait(CLOSE_TIMEOUT)
-            except (OSError, AMQPError):
-                pass
-            finally:
-                self.is_closing = False
-        self._fail(Failure(ConnectionClosedError, "AMQP connection closed by the application",
-                           None))
-        self._teardown()
+        try:
+            if self._failure is None:
+                self.is_closing = True
+                try:
+                    self.send_method(spec.Connection.Close, argsig,
+                                     (reply_code, reply_text, method_sig[0], method_sig[1]))
+                    self._close_ok.wait(CLOSE_TIMEOUT)
+                except (OSError, AMQPError):
+                    pass
+                finally:
+                    self.is_closing = False
+        finally:
+            # Also when interrupted in the wait: the reader stops at the Close-Ok, so nothing
+            # else would fail the connection and wake the threads waiting on it.
+            self._fail(Failure(ConnectionClosedError,
+                               "AMQP connection closed by the application", None))
+            self._teardown()
         return None
 
     # -- fork ------------------------------------------------------------------------------
@@ -494,6 +549,16 @@ class Connection(pyamqp.Connection):
         self._inboxes = weakref.WeakSet()
         self._local = threading.local()
         self._reader = None
+        # Locks a parent's thread may have held at fork(), which collecting the inherited
+        # connection here takes: each channel's mailbox's and the totals'. The flow Event's
+        # Condition, and close()'s Event, likewise (_fail() sets them).
+        self.channel_totals._after_fork_in_child()
+        self.flow._after_fork_in_child()
+        self._close_ok = threading.Event()
+        for channel in list((self.channels or {}).values()):
+            mailbox = getattr(channel, "_mailbox", None)
+            if mailbox is not None:
+                mailbox._after_fork_in_child()
         self._failure = Failure(
             ConnectionLostError,
             "AMQP connection was inherited across fork(); this process opens its own", None,

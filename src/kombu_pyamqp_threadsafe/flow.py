@@ -97,6 +97,12 @@ class FlowControl:
         """The connection stopped: wake every waiting publisher (its write then fails)."""
         self._open.set()
 
+    def _after_fork_in_child(self) -> None:
+        """Called by the inherited connection: a parent's publisher may have been inside the
+        Event's Condition at fork(); the child's connection has failed, so it is open."""
+        self._open = threading.Event()
+        self._open.set()
+
     # -- publishers ------------------------------------------------------------------------
 
     def wait_before_write(self, timeout: float | None = None) -> None:

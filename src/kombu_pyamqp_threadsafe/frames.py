@@ -98,8 +98,8 @@ class FrameWriter:
     message and goes on (to wait for its confirm, say); the writing thread sends everything
     queued before it lets the lock go. With many publishers this replaces a convoy on the lock
     (each waiter woken in turn, each needing the GIL back while it holds the lock) with one
-    system call per batch; with 64 threads publishing with confirms on one connection it
-    raised throughput from about 3,100 to 4,800 msg/s here.
+    system call per batch, which raises the throughput of many threads publishing with
+    confirms on one connection (figures in docs/architecture.md).
 
     Messages leave the queue inside the ``sendmsg`` call that sends them, so an asynchronous
     exception (dramatiq's TimeLimit), which CPython raises only between bytecodes, finds a
@@ -132,6 +132,8 @@ class FrameWriter:
         self._order_lock = threading.Lock()
         # Ids of channels whose Close or Close-Ok is queued and that are not open again.
         self._closing: set[int] = set()
+        # Ids of channels whose Open is queued and whose Close or Close-Ok is not.
+        self._open: set[int] = set()
         #: Methods queued to be written, by signature (counted under _order_lock; stats.py).
         self.sent: dict[Any, int] = {}
         self.last_write = monotonic()
@@ -176,8 +178,10 @@ class FrameWriter:
             if channel and method_sig in _CHANNEL_LIFECYCLE:
                 if method_sig == spec.Channel.Open:
                     closing.discard(channel)
+                    self._open.add(channel)
                 else:
                     closing.add(channel)
+                    self._open.discard(channel)
             elif channel in closing:
                 logger.debug("channel %s is closed: dropped %s", channel, method_sig)
                 return False
@@ -185,6 +189,22 @@ class FrameWriter:
             sent[method_sig] = sent.get(method_sig, 0) + 1
             self._queued.append(data)
         return True
+
+    def wire_state(self, channel: int) -> str | None:
+        """What the server has been sent of ``channel``: "open" once its Open is queued,
+        "closing" once its Close or Close-Ok is, None before its Open (the server never heard
+        of it). Queued methods reach the server unless the connection fails."""
+        with self._order_lock:
+            if channel in self._open:
+                return "open"
+            return "closing" if channel in self._closing else None
+
+    def queue_method(self, channel: int, method_sig: Any, args: bytes = b"") -> None:
+        """Queue a method without writing it, for the reader thread, which must not block in a
+        send: its next tick (write_nowait) or the next writer sends it."""
+        connection = self._connection
+        data = encode_method(1, channel, method_sig, args, None, connection.frame_max)
+        self._enqueue(data, channel, method_sig)
 
     def write_nowait(self, heartbeat: bool) -> None:
         """The reader thread, on each tick: write what is queued, with a heartbeat first if
@@ -226,6 +246,7 @@ class FrameWriter:
         self._order_lock = threading.Lock()
         self._queued = deque()
         self._closing = set()
+        self._open = set()
         self.sent = {}
 
     def _write_waiting(self, data: bytes, channel: int, method_sig: Any,
@@ -373,7 +394,7 @@ class FrameBuffer:
     """Receives into one reusable buffer and yields complete ``(type, channel, payload)`` frames.
 
     ``recv(n)`` allocates ``n`` bytes per read (above glibc's mmap threshold that is an mmap,
-    an mremap and a munmap per read, about 20 us of system time per confirmed publish here);
+    an mremap and a munmap per read: system time on every confirmed publish);
     ``recv_into`` the free end of a buffer kept for the connection's life allocates nothing.
     """
 

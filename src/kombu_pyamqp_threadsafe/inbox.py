@@ -17,24 +17,29 @@ import weakref
 from collections import deque
 from contextlib import suppress
 from time import monotonic
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import forksafe
 from .greenlets import threads_are_greenlets
 
 #: A method as the reader hands it over: (method_sig, payload, content).
 Method = tuple[Any, Any, Any]
-#: Mailbox.take(): only methods the caller defers are pending.
-DEFERRED: Any = object()
+
+
+class Deferred(NamedTuple):
+    """Mailbox.take(): only methods the caller defers are pending, the first ``scanned`` of
+    them at least (the reader may have appended more since the scan)."""
+
+    scanned: int
 
 
 class Wakeup:
     """Wakes one thread that sleeps in a system call.
 
     A thread blocked on a lock or a SimpleQueue wakes without the GIL and then waits for it a
-    second time; measured here, a thread-to-thread hop costs about 17 us that way against
-    about 3 us when the sleeper waits on an eventfd (the waker's write releases the GIL as it
-    wakes the sleeper). An eventfd where the platform has one, a pipe elsewhere.
+    second time; one that sleeps on an eventfd is woken by a write that releases the GIL, a
+    hop several times shorter (figures in docs/architecture.md). An eventfd where the platform
+    has one, a pipe elsewhere.
     """
 
     __slots__ = ("_read_fd", "_write_fd", "_poller", "__weakref__")
@@ -60,7 +65,7 @@ class Wakeup:
         if timeout is not None and not self._poller.poll(timeout * 1000):
             return
         # 8 bytes: an eventfd's counter. os.read allocates its buffer before it blocks, so a
-        # larger one is held by every sleeping thread (4 KB each, 3.6 MB for 900 threads); a
+        # larger one is held by every sleeping thread, megabytes with hundreds of threads; a
         # pipe keeps what is left, which only makes the next wait return at once.
         os.read(self._read_fd, 8)
 
@@ -245,8 +250,10 @@ class Mailbox:
         """Owner thread, after a doorbell: the next method, or None if it moved away.
 
         With ``defer`` (method signatures), the first method of another kind from index
-        ``start`` on (the caller knows the ones before are deferred), or DEFERRED when there is
-        none (the deferred ones stay, in order).
+        ``start`` on (the caller knows the ones before are deferred), or :class:`Deferred` with
+        how many it scanned when there is none (the deferred ones stay, in order). The count is
+        the scan's own: the reader appends without the lock, so the length read after the
+        scan may include a method nobody looked at.
 
         The method stays in hand until :meth:`dispatching` says its dispatch began, so one
         that an asynchronous exception (dramatiq's TimeLimit) loses on the way (a delivery
@@ -267,13 +274,14 @@ class Mailbox:
                 in_hand = self._in_hand = pending[0]
                 pending.popleft()
                 return in_hand
-            for index in range(start, len(pending)):
+            end = len(pending)
+            for index in range(start, end):
                 method = pending[index]
                 if method[0] not in defer:
                     self._in_hand = method
                     del pending[index]
                     return method
-            return DEFERRED
+            return Deferred(end)
 
     def dispatching(self, method_sig: Any, payload: Any, content: Any) -> None:
         """Owner thread: this method's dispatch begins; never take it again."""
@@ -297,13 +305,26 @@ class Mailbox:
                     inbox.put(self)
         return previous
 
-    def retire(self) -> None:
+    def _after_fork_in_child(self) -> None:
+        """Called by the inherited connection: a parent's thread may have held the lock at
+        fork() (an owner inside take(), a move_to()), and the child retires this mailbox."""
+        self._lock = threading.Lock()
+
+    def retire(self) -> list[Method]:
         """The channel is gone: drop its methods and every reference that makes a cycle, so
         reference counting alone frees the channel, its mailbox and, once its thread ends, the
-        thread's inbox and eventfd (not whenever the cyclic collector runs)."""
+        thread's inbox and eventfd (not whenever the cyclic collector runs).
+
+        Returns the methods dropped. The owner is RETIRED before they are taken, so a method
+        the reader posts meanwhile is either among them or posted to RETIRED (post() says so).
+        """
         with self._lock:
-            self._pending.clear()
-            self._in_hand = None
             self.owner.owned.discard(self)
             self.owner = RETIRED
+            pending = self._pending
+            dropped = []
+            while pending:
+                dropped.append(pending.popleft())
+            self._in_hand = None
             self.channel = None
+        return dropped

@@ -11,6 +11,7 @@ channel per shared connection, whichever handle it reaches it through.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import weakref
 from collections.abc import Callable, Hashable
@@ -49,10 +50,15 @@ class Registry:
     """The process's shared connections, by connection parameters."""
 
     def __init__(self) -> None:
-        # Guards _entries and each entry's connection, handles and thread_channels (never held
-        # while connecting, closing or opening a channel).
+        # Guards _entries, _closer and each entry's connection, handles and thread_channels
+        # (never held while connecting, closing or opening a channel).
         self._lock = threading.Lock()
         self._entries: dict[Hashable, SharedConnection] = {}
+        # Entries whose handle was garbage-collected. A weakref callback may run inside any
+        # code, this registry's locked sections included, so it only puts the entry here
+        # (SimpleQueue.put is safe there); the closer thread does the rest.
+        self._dropped: queue.SimpleQueue[SharedConnection] = queue.SimpleQueue()
+        self._closer: threading.Thread | None = None
         forksafe.register(self)
 
     def connect(self, handle: Any, key: Hashable, open_connection: Callable[[], Any]
@@ -65,10 +71,21 @@ class Registry:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = SharedConnection(key)
+            first = handle not in entry.handles
             entry.handles.add(handle)
+            if self._closer is None:
+                self._closer = threading.Thread(target=self._close_dropped, daemon=True,
+                                                name="amqp-shared-connection-closer")
+                self._closer.start()
+        if first:
+            # Upstream: a kombu.Connection dropped without release() has its socket closed by
+            # the collector. Here the socket is the reader thread's, so the last handle's
+            # collection closes it.
+            weakref.finalize(handle, self._dropped.put, entry).atexit = False
 
         def attempt() -> Any:
             connection = open_connection()
+            connection.handles = entry.handles
             with self._lock:
                 entry.connection = connection
             return connection
@@ -86,6 +103,23 @@ class Registry:
             connection, entry.connection = entry.connection, None
             entry.thread_channels.clear()
         return connection
+
+    def _close_dropped(self) -> None:
+        """The closer thread: close the connection of an entry whose handles were all dropped
+        without release() (the last release() closes it otherwise). Sleeps until woken."""
+        while True:
+            entry = self._dropped.get()
+            with self._lock:
+                if any(True for _ in entry.handles) or self._entries.get(entry.key) is not entry:
+                    continue
+                del self._entries[entry.key]
+                connection, entry.connection = entry.connection, None
+                entry.thread_channels.clear()
+            if connection is not None:
+                logger.debug("closing the shared connection %r: its handles were dropped "
+                             "without release()", entry.key)
+                with suppress(OSError, AMQPError):
+                    connection.close()
 
     def thread_channel(self, entry: SharedConnection, connection: Any) -> Channel:
         """The calling thread's default channel on ``connection``, opened on first use.
@@ -118,6 +152,8 @@ class Registry:
         # reconnect through fresh entries.
         self._lock = threading.Lock()
         self._entries = {}
+        self._dropped = queue.SimpleQueue()
+        self._closer = None
 
 
 registry = Registry()

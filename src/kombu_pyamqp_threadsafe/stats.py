@@ -85,6 +85,10 @@ class ChannelTotals:
         self.confirmed = 0
         self.nacked = 0
 
+    def _after_fork_in_child(self) -> None:
+        """Called by the inherited connection, whose channels the child collects."""
+        self.lock = threading.Lock()
+
     def collect(self, channel: Any) -> None:
         """A channel is collected: keep its counts."""
         with self.lock:

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
+from amqp.exceptions import RecoverableConnectionError
 from kombu import transport as kombu_transports
 from kombu.transport import pyamqp
 from kombu.utils.url import as_url, parse_url
@@ -84,7 +85,12 @@ class Transport(pyamqp.Transport):
         per kombu.Connection, used by whichever thread holds it)."""
         entry = self._shared
         if entry is None:
-            raise RuntimeError("default_channel before this transport opened a connection")
+            # No connection (any more): another thread's collect() (kombu's ensure() after a
+            # connection error) dropped it since the caller connected. A connection error, so
+            # that retries connect again (RuntimeError was retried by nothing).
+            raise RecoverableConnectionError(
+                "default_channel: this connection was released (collect() or close() in "
+                "another thread); connect again")
         return registry.thread_channel(entry, connection)
 
     def connection_key(self) -> tuple[Any, ...]:

@@ -64,8 +64,8 @@ SOCKET_RESERVE = 100
 
 
 def cases(quick: bool) -> list[dict[str, Any]]:
-    greenlets = [200, 1000] if quick else [200, 500, 1000]
-    messages = 4000 if quick else 20000
+    greenlets = [100, 1000] if quick else [200, 500, 1000]
+    messages = 2000 if quick else 20000
     # "timeout": the runner's bound on the child (boot, processing, stop, the vhost's removal).
     return [{"setup": setup, "label": f"{count:,} greenlets", "greenlets": count,
              "messages": messages, "timeout": PROCESS_TIMEOUT + 240}
