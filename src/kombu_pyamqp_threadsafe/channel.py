@@ -17,6 +17,7 @@ from amqp import spec
 from amqp.exceptions import AMQPError, MessageNacked, RecoverableConnectionError
 from kombu.transport import pyamqp
 
+from .deadline import bounded
 from .errors import ChannelOwnershipError, ChannelTakenOverError, ConfirmsOutOfStepError, Failure
 from .inbox import RETIRED, Mailbox
 
@@ -36,8 +37,9 @@ class Channel(pyamqp.Channel):
     """kombu's pyamqp channel with an owner thread and per-message publisher confirms."""
 
     _mailbox: Mailbox
-    #: A confirm on this channel timed out: close() then does not wait for the Close-Ok.
-    _confirm_timed_out = False
+    #: A reply or a confirm on this channel timed out: close() then does not wait for the
+    #: Close-Ok.
+    _reply_timed_out = False
 
     def __init__(self, connection: Any, channel_id: int | None = None, *args: Any,
                  **kwargs: Any) -> None:
@@ -176,7 +178,7 @@ class Channel(pyamqp.Channel):
     # While it waits, drain_events checks that the channel is still the caller's (another
     # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever,
     # and while the server blocks the connection it waits at most blocked_timeout from the
-    # start of the block.
+    # start of the block. Inside replies_within() (deadline.py) the wait ends by its deadline.
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
@@ -189,21 +191,34 @@ class Channel(pyamqp.Channel):
             # Deliveries are not deferred while closing: they are dropped then.
             with connection.waiting_for_reply(self, defer=not self.is_closing):
                 return super().wait(method, callback=callback,
-                                    timeout=self._close_ok_timeout() if closing else timeout,
+                                    timeout=bounded(self._close_ok_timeout() if closing
+                                                    else timeout),
                                     returns_tuple=returns_tuple)
         except TimeoutError:
             if closing:  # see close()
                 self.collect()
+            elif method == spec.Channel.OpenOk:
+                self._abandon()
+            else:
+                # The server holds this reply and may hold the Close-Ok as long.
+                self._reply_timed_out = True
             raise
         except RecoverableConnectionError:
             if self.connection is None:  # upstream's "already closed": closed by whom?
                 self._check_still_owned(connection._thread_inbox())
             raise
 
+    def _abandon(self) -> None:
+        """The Open-Ok did not come in time: ask the server to close the channel, without
+        waiting, and forget it here (a late Open-Ok or Close-Ok then finds no channel)."""
+        with suppress(AMQPError, OSError):
+            self.send_method(spec.Channel.Close, "BsBB", (0, "", 0, 0))
+        self.collect()
+
     def _close_ok_timeout(self) -> float:
-        """CLOSE_OK_TIMEOUT, or 0 once a confirm timed out: the server that holds the confirm
+        """CLOSE_OK_TIMEOUT, or 0 once a reply or a confirm timed out: the server that holds it
         (a hung queue leader) may hold the Close-Ok as long."""
-        return 0.0 if self._confirm_timed_out else CLOSE_OK_TIMEOUT
+        return 0.0 if self._reply_timed_out else CLOSE_OK_TIMEOUT
 
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
     # Here the closing thread first takes ownership so the CloseOk reaches it (dramatiq closes
@@ -297,10 +312,10 @@ class Channel(pyamqp.Channel):
         )
 
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
-        """Until the confirm of ``seq``; with no timeout, woken by the connection's failure
-        or by another thread closing the channel (drain_events checks the owner); while the
-        server blocks the connection, at most until blocked_timeout after the block began
-        (flow.py)."""
+        """Until the confirm of ``seq``, at most ``timeout`` and the replies_within() deadline;
+        with neither, woken by the connection's failure or by another thread closing the
+        channel (drain_events checks the owner); while the server blocks the connection, at
+        most until blocked_timeout after the block began (flow.py)."""
         deadline = None if timeout is None else monotonic() + timeout
         inbox = None
         while self._unconfirmed.get(seq) is None:
@@ -311,14 +326,14 @@ class Channel(pyamqp.Channel):
                     self._check_still_owned(inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
-            remaining = None if deadline is None else max(0.0, deadline - monotonic())
+            remaining = bounded(None if deadline is None else max(0.0, deadline - monotonic()))
             try:
                 with connection.waiting_for_reply(self):
                     connection.drain_events(timeout=remaining)
             except TimeoutError:
                 # The server holds this confirm (a hung queue leader on another node, say):
                 # it may hold the Close-Ok as long, so closing this channel does not wait.
-                self._confirm_timed_out = True
+                self._reply_timed_out = True
                 raise
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
