@@ -1,4 +1,5 @@
-"""A reply that never comes must not hold a sender: ``confirm_timeout`` bounds the wait.
+"""A reply that never comes must not hold a sender (``confirm_timeout``) or a consumer
+subscribing (``connect_timeout``).
 
 On a cluster, a publish to a quorum queue whose leader node hangs (SIGSTOP) reaches a healthy
 node, which holds the confirm until the cluster has a new leader (about net_ticktime, 60 s);
@@ -107,3 +108,23 @@ def test_a_send_to_a_silent_server_is_bounded_by_confirm_timeout(env: BrokerEnv,
         broker.forget_queue(queue)
         run_bounded(send, 30, "send whose queue is declared again (Declare-Ok held)")
 
+
+def test_a_consumer_whose_server_answers_nothing_gives_up_within_connect_timeout(
+        env: BrokerEnv, vhost) -> None:
+    """Subscribing waits for Open-Ok, Declare-Ok, Qos-Ok and Consume-Ok. A quorum queue's
+    basic.consume waits on the server for the queue's leader, and after the leader's node hung
+    the server held it a minute past the thaw; each reply now comes within connect_timeout or
+    the attempt fails, and the next attempt opens a new channel (before: it waited until
+    heartbeats declared the connection lost, with heartbeats off forever)."""
+    with Proxy() as proxy:
+        broker = env.broker(url=url_for(vhost, proxy.port), heartbeat=0, connect_timeout=1)
+        queue = unique()
+        broker.declare_queue(queue, ensure=True)
+        broker.connect(broker.consumer_connection)  # only the replies are missing, not the
+        proxy.pause()                                 # handshake (connect_timeout bounds it)
+
+        def consume() -> None:
+            with pytest.raises(ConnectionClosed, match="timed out"):
+                broker.consume(queue)
+
+        run_bounded(consume, 30, "consumer subscribing to a silent server")
