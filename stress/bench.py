@@ -56,7 +56,7 @@ from stress.cluster_faults import (
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
-    amqp_port,
+    amqp_ports,
     dedicated_vhost,
     emit_result,
     fmt_mib,
@@ -152,7 +152,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
                   for i in range(case["messages"])]
         _queue_admin(url, queue, declare=True, preload=bodies)
 
-    sampler = ProcessSampler(amqp_port(url)).start()
+    sampler = ProcessSampler(amqp_ports(url)).start()
     broker = (bench_broker if kind == "kombu-quorum" else make_broker)(kind, url, prefix)
     actor = define_hop_actor(broker, queue, tracker_recorder(tracker), lambda: deadline[0],
                              claim=tracker.claim)
@@ -371,7 +371,7 @@ def render(args: argparse.Namespace, cases: list[dict], results: dict[Key, list[
         f"{args.drain_messages:,} preloaded messages, a no-op actor; no latency (the messages "
         f"waited in the queue by design). send-the-next: {args.duration:g} s per case, "
         "one chain per worker thread, latency = enqueue to start of processing.",
-        "peak connections = TCP connections of the case's process to the AMQP port (psutil, "
+        "peak connections = TCP connections of the case's process to the AMQP port(s) (psutil, "
         "every 0.5 s). RSS and threads: peak of the case's process. CPU = user+system seconds "
         "of the case's process per 1000 messages (2 cores shared by client and server). "
         "lost/dup summed over the runs.",

@@ -23,7 +23,7 @@ import psutil
 from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
-    amqp_port,
+    amqp_ports,
     count_amqp_sockets,
     dedicated_vhost,
     emit_result,
@@ -91,7 +91,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     for worker in workers:
         worker.join(60)
     elapsed = time.perf_counter() - started
-    held = count_amqp_sockets(psutil.Process(), amqp_port(case["url"]))
+    held = count_amqp_sockets(psutil.Process(), amqp_ports(case["url"]))
     samples = [s for mine in latencies for s in mine]
     with app.connection_for_write() as conn:
         conn.default_channel.queue_delete(queue)

@@ -50,7 +50,7 @@ from stress import rabbit_admin
 from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
-    amqp_port,
+    amqp_ports,
     dedicated_vhost,
     emit_result,
     fmt_ms,
@@ -134,7 +134,7 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     options = {"confirm_publish": confirm, "client_properties": {"connection_name": name}}
     _declare(admin_url, queue, idle_queue)
 
-    sampler = ProcessSampler(amqp_port(url)).start()
+    sampler = ProcessSampler(amqp_ports(url)).start()
     counts = split(case["messages"], threads)
     latencies: list[float] = []
     errors: list[str] = []
