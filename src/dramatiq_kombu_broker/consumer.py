@@ -84,9 +84,9 @@ class KombuConsumer(Consumer):
 
         Each reply (Open-Ok, Declare-Ok, Qos-Ok, Consume-Ok) comes within connect_timeout or
         the attempt fails (TimeoutError) and the next one opens a new channel: a quorum queue's
-        basic.consume waits on the server for the queue's leader, and after the leader's node
-        hung, the server held it a minute past the thaw (its command to the deposed leader was
-        lost), while a new attempt consumed at once.
+        basic.consume waits on the server for the queue's leader, and one sent while the
+        leader's node hung was held up to a minute past the thaw, while a new one consumed at
+        once.
         """
         with replies_within(self.broker.settings.connect_timeout):
             self.broker.connect(self._kombu)
