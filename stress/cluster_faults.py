@@ -250,12 +250,10 @@ BROKERS = ("kombu-quorum", "kombu-classic", "rabbitmq-classic")
 
 
 @dataclass(frozen=True)
-class ClusterScale:
-    """How big and how long a case is (pytest uses :data:`PYTEST_SCALE`)."""
+class ClusterScale(fh.Scale):
+    """``fault_scenarios``' scale with the cluster cases' fault durations (pytest uses
+    :data:`PYTEST_SCALE`)."""
 
-    messages: int = 3000
-    threads: int = 64
-    senders: int = 8
     send_rate: float = 200.0
     work_ms: float = 20.0
     #: Seconds a killed node stays down before it is restarted.
@@ -266,11 +264,10 @@ class ClusterScale:
     heartbeat: float = 5.0
     #: Seconds between the nodes of a rolling restart.
     settle: float = 3.0
-    timeout: float = 240.0
 
 
 SCRIPT_SCALE = ClusterScale()
-PYTEST_SCALE = ClusterScale(messages=1200, send_rate=300.0, down=6.0, freeze=6.0,
+PYTEST_SCALE = ClusterScale(messages=1200, send_rate=300.0, down=6.0, freeze=8.0,
                             heartbeat=2.0, settle=0.5, timeout=120.0)
 
 
@@ -546,22 +543,32 @@ def _run_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, faul
     return result
 
 
+def _node_lost_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, fault: str,
+                    lose: Callable[[int], None], back: Callable[[int], None], seconds: float,
+                    heartbeat: float | None = None) -> ClusterResult:
+    """``lose`` the node holding the consumer connection and the queue's leader (or home),
+    ``back`` ``seconds`` later, probing meanwhile."""
+    def inject(run: ClusterRun) -> float | None:
+        node = run.home
+        assert node is not None
+        start = now()
+        lose(node)
+
+        def back_later() -> None:
+            time.sleep(max(0.0, start + seconds - now()))
+            back(node)
+
+        return run.probe_during(start, seconds + scale.timeout / 2, back_later)
+
+    return _run_case(cluster, vhost, kind, scale, fault, inject, heartbeat=heartbeat)
+
+
 def kill_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> ClusterResult:
     """kill -9 of the node holding the consumer connection and the queue's leader (or home),
     restarted ``down`` seconds later."""
-    def inject(run: ClusterRun) -> float | None:
-        assert run.home is not None
-        start = now()
-        cluster.kill(run.home)
-
-        def back_later() -> None:
-            time.sleep(max(0.0, start + scale.down - now()))
-            cluster.restart(run.home)
-
-        return run.probe_during(start, scale.down + scale.timeout / 2, back_later)
-
-    result = _run_case(cluster, vhost, kind, scale, f"node killed, back after {scale.down:g} s",
-                       inject)
+    result = _node_lost_case(cluster, vhost, kind, scale,
+                             f"node killed, back after {scale.down:g} s", cluster.kill,
+                             cluster.restart, scale.down)
     if result.resumed is not None and result.resumed >= scale.down:
         result.problems.append("waited for the killed node to come back")
     return result
@@ -569,27 +576,19 @@ def kill_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> C
 
 def freeze_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> ClusterResult:
     """SIGSTOP of the same node for ``freeze`` seconds (heartbeat ``scale.heartbeat``)."""
-    def inject(run: ClusterRun) -> float | None:
-        assert run.home is not None
-        start = now()
-        cluster.freeze(run.home)
-
-        def thaw_later() -> None:
-            time.sleep(max(0.0, start + scale.freeze - now()))
-            cluster.thaw(run.home)
-
-        return run.probe_during(start, scale.freeze + scale.timeout / 2, thaw_later)
-
-    result = _run_case(cluster, vhost, kind, scale,
-                       f"node frozen {scale.freeze:g} s (heartbeat {scale.heartbeat:g} s)",
-                       inject, heartbeat=scale.heartbeat)
+    result = _node_lost_case(cluster, vhost, kind, scale,
+                             f"node frozen {scale.freeze:g} s (heartbeat {scale.heartbeat:g} s)",
+                             cluster.freeze, cluster.thaw, scale.freeze,
+                             heartbeat=scale.heartbeat)
     if result.resumed is not None and result.resumed >= scale.freeze:
         # The hung node keeps its queue leaderships until the cluster declares it down
         # (net_ticktime, 60 s by default): until then nobody can confirm into its queues.
         result.notes.append("processing resumed once the node thawed (its queue leader hung)")
+    # A KombuBroker send waits for replies (a confirm, a channel, a declare) at most
+    # confirm_timeout (2 heartbeats here, less than the freeze), plus a reconnect's handshake.
     if result.longest_send >= 0.9 * scale.freeze:
         result.problems.append(f"a send() was stuck {result.longest_send:.1f} s, about as long "
-                               "as the node was frozen (a confirm that does not come)")
+                               "as the node was frozen (a reply that does not come)")
     return result
 
 
@@ -793,8 +792,7 @@ CLUSTER_NOTE = (
     "On the local 3-node cluster (scripts/rabbitmq-cluster, three RabbitMQ nodes on the same "
     "2 cores), every broker given the three URLs; 'KombuBroker (quorum queues)' declares "
     "quorum queues (replicated on the 3 nodes), the others classic queues. Peak connections "
-    "count only those to the first node's port: KombuBroker's two connections start at a "
-    "random node, so it shows 0 to 2.")
+    "count the case's connections to all three nodes' ports.")
 
 
 def cluster_bench_defaults(args: argparse.Namespace) -> None:

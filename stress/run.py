@@ -47,7 +47,7 @@ from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     ServerConnectionPoller,
-    amqp_port,
+    amqp_ports,
     dedicated_vhost,
     fmt_mib,
     fmt_ms,
@@ -208,7 +208,7 @@ def run_in_process(args: argparse.Namespace, vhost: str, url: str, prefix: str) 
     budgets = split(args.messages, chains)
 
     poller = ServerConnectionPoller(vhost, prefix, args.poll_interval)
-    sampler = ProcessSampler(amqp_port(url)).start()
+    sampler = ProcessSampler(amqp_ports(url)).start()
     # Seed before the worker starts: a seeder competing with 900 busy worker threads for the
     # GIL takes tens of seconds, and the first chains would be done before the last began.
     seed_started = time.monotonic()
@@ -338,7 +338,7 @@ def run_cli(args: argparse.Namespace, vhost: str, url: str, prefix: str) -> dict
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     poller = ServerConnectionPoller(vhost, worker_prefix, args.poll_interval).start()
-    sampler = ProcessSampler(amqp_port(url), pid=proc.pid, children=True).start()
+    sampler = ProcessSampler(amqp_ports(url), pid=proc.pid, children=True).start()
 
     # Seed from this process, on a broker of the same kind with a connection of its own.
     seeder = make_broker(args.broker, url, f"{prefix}-seed")
