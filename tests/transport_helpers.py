@@ -3,7 +3,8 @@
 * :class:`Proxy` (from ``stress.tcp_proxy``): a TCP proxy on 127.0.0.1 in front of the server
   that can stop forwarding (a silent peer) or cut every connection; with an ``ssl.SSLContext``
   it terminates TLS.
-* :func:`make_tls_files`: a throw-away CA and a ``localhost`` server certificate (openssl CLI).
+* :func:`make_tls_files`: a throw-away CA and a ``localhost`` server certificate (openssl CLI);
+  :func:`make_server_cert`: another server certificate signed by that CA.
 * :class:`Worker`: a daemon thread that records its result, its exception and when it raised.
 * :func:`reap_child`: lets a forked child end and reaps it, with a deadline.
 * :func:`open_fds` (from ``stress.resources``) / :func:`settled` /
@@ -183,6 +184,30 @@ def make_tls_files(directory: Path) -> dict[str, str]:
             "-CAcreateserial", "-out", str(pem), "-days", "2", "-sha256",
             "-extfile", str(ext))
     return {"ca": str(ca_pem), "cert": str(pem), "key": str(key)}
+
+
+def make_server_cert(tls_files: dict[str, str], directory: Path, names: list[str],
+                     stem: str = "other") -> dict[str, str]:
+    """A server certificate for the DNS ``names`` only (no IP address) signed by the CA of
+    :func:`make_tls_files`; files ``<stem>.pem`` and ``<stem>.key``."""
+    directory = Path(directory)
+    ca_key = Path(tls_files["ca"]).with_name("ca.key")
+    key, csr, pem = (directory / f"{stem}.key", directory / f"{stem}.csr",
+                     directory / f"{stem}.pem")
+    ext = directory / f"{stem}.ext"
+    ext.write_text("basicConstraints=critical,CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\n"
+                   f"subjectAltName={','.join(f'DNS:{n}' for n in names)}\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", f"/CN={names[0]}")
+    openssl("x509", "-req", "-in", str(csr), "-CA", tls_files["ca"], "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(pem), "-days", "2", "-sha256", "-extfile", str(ext))
+    return {"ca": tls_files["ca"], "cert": str(pem), "key": str(key)}
 
 
 def server_tls_context(files: dict[str, str]) -> ssl.SSLContext:

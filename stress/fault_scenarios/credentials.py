@@ -1,0 +1,58 @@
+"""The throw-away user of a fault run, the URL that carries it, and the forms in which its
+password could leak."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from stress import rabbit_admin
+
+
+def url_with(base: str, vhost: str, user: str | None = None, password: str | None = None) -> str:
+    """``base`` with its path replaced by ``vhost`` and, if given, other credentials."""
+    parts = urlsplit(base)
+    netloc = parts.netloc.rpartition("@")[2]
+    if user is not None:
+        netloc = f"{quote(user, safe='')}:{quote(password or '', safe='')}@{netloc}"
+    else:
+        netloc = parts.netloc
+    return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(vhost, safe="")))
+
+
+@contextlib.contextmanager
+def scratch_vhost(prefix: str = "faults") -> Iterator[str]:
+    """A fresh vhost ``<prefix>-<hex>`` (guest has full rights), deleted at exit."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rabbit_admin.add_vhost(name, user="guest")
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(rabbit_admin.RabbitmqctlError):
+            rabbit_admin.delete_vhost(name)
+
+
+@contextlib.contextmanager
+def secret_user(vhost: str) -> Iterator[tuple[str, str]]:
+    """A user with a random, distinctive password and full rights on ``vhost``.
+
+    The password contains characters that need URL quoting, so both its raw and quoted forms
+    can be looked for in logs. Deleted at exit.
+    """
+    user = f"faults-{uuid.uuid4().hex[:8]}"
+    password = f"S3cr3t#{secrets.token_hex(8)}@x"
+    rabbit_admin.rabbitmqctl("add_user", user, password)
+    try:
+        rabbit_admin.set_permissions(vhost, user)
+        yield user, password
+    finally:
+        with contextlib.suppress(rabbit_admin.RabbitmqctlError):
+            rabbit_admin.rabbitmqctl("delete_user", user)
+
+
+def secret_forms(password: str) -> list[str]:
+    """The forms in which a password could leak: raw and URL-quoted."""
+    return sorted({password, quote(password, safe=""), quote(password)})
