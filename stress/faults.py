@@ -48,11 +48,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from stress import rabbit_admin
+from stress.common import dedicated_vhost
 from stress.fault_scenarios.channel_close import channel_close_case
 from stress.fault_scenarios.cli_sigterm import cli_sigterm_case
 from stress.fault_scenarios.connection_close import close_all_connections_case
 from stress.fault_scenarios.context import SCRIPT_SCALE, Context
-from stress.fault_scenarios.credentials import scratch_vhost, secret_user, url_with
+from stress.fault_scenarios.credentials import secret_user, url_with
 from stress.fault_scenarios.harness import LoadedWorker
 from stress.fault_scenarios.hygiene import fault_loop
 from stress.fault_scenarios.idle import idle_case
@@ -137,7 +138,7 @@ def drain_with_closes(ctx: Context, closes: int, *, close: bool = True
     """
     with watching(ctx) as watch:
         lw = LoadedWorker(ctx, watch=watch)
-        try:
+        with lw.closing_on_error():
             total = ctx.scale.messages
             for queue in lw.queues:
                 lw.broker.declare_queue(queue, ensure=True)
@@ -155,9 +156,6 @@ def drain_with_closes(ctx: Context, closes: int, *, close: bool = True
                 lw.probe()  # the producer connection comes back too
             lw.wait_processed(total + closes)
             drained = max(t for t, mid, _, _ in lw.ledger.log if mid < total)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"{closes} closes")
     losses: list[float] = []
     for moment, _, text in watch.warnings:
@@ -273,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"logs and CLI output in {work_dir}")
     report: list[str] = []
     failed = False
-    with scratch_vhost("faults") as vhost, secret_user(vhost) as (user, password):
+    with dedicated_vhost("faults") as vhost, secret_user(vhost) as (user, password):
         ctx = Context(url_with(args.url, vhost, user, password), vhost, scale,
                          secret=password, work_dir=work_dir)
         results: list[FaultResult] = []

@@ -21,7 +21,7 @@ def channel_close_case(ctx: Context, queues: int = 3) -> FaultResult:
     started = now()
     with watching(ctx) as watch:
         lw = LoadedWorker(ctx, queues=queues, watch=watch).start()
-        try:
+        with lw.closing_on_error():
             total = ctx.scale.messages
             lw.stream(list(range(total)))
             lw.wait_processed(total // 3)
@@ -31,9 +31,6 @@ def channel_close_case(ctx: Context, queues: int = 3) -> FaultResult:
             victim.channel.basic_ack(2**40)
             lw.recover(window, queue_index=0)
             ports_after = connection_ports(lw.consumer_name, ctx.vhost)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"server closes one consumer channel (of {queues})")
     log = lw.ledger.log
     others = set(lw.queues[1:])

@@ -20,6 +20,7 @@ from dramatiq.middleware import Middleware
 from dramatiq_kombu_broker import KombuBroker
 from stress import rabbit_admin
 from stress.bounded import run_bounded
+from stress.common import REPO_ROOT
 from stress.fault_scenarios.context import Context
 from stress.fault_scenarios.credentials import secret_forms
 from stress.fault_scenarios.ledger import ACTOR_PREFIX, Ledger, work_message
@@ -29,7 +30,6 @@ from stress.fault_scenarios.senders import Senders
 from stress.fault_scenarios.server_state import queue_messages, wait_queues_empty
 from stress.polling import poll
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DRAMATIQ_CLI = Path(sys.executable).with_name("dramatiq")
 
 now = time.monotonic
@@ -145,11 +145,15 @@ def worker_connection_names(vhost: str, prefix: str) -> list[str]:
                   if n and n.startswith(f"{prefix}-"))
 
 
+def names_of(pids: set[int], names: list[str], prefix: str) -> list[str]:
+    """The connection names among ``names`` that belong to the processes ``pids``."""
+    return [n for n in names if int(n[len(prefix) + 1:].split("-")[0]) in pids]
+
+
 def wait_for_no_connections(vhost: str, prefix: str, pids: set[int],
                             timeout: float) -> list[str]:
     """Wait until no connection of the processes ``pids`` is left; return those left."""
-    return poll(lambda: [n for n in worker_connection_names(vhost, prefix)
-                         if int(n[len(prefix) + 1:].split("-")[0]) in pids],
+    return poll(lambda: names_of(pids, worker_connection_names(vhost, prefix), prefix),
                 lambda left: not left, timeout, 0.5)
 
 
@@ -176,10 +180,8 @@ def cli_sigterm_case(ctx: Context) -> FaultResult:
         sender.enqueue(work_message(queue, mid, f"{ACTOR_PREFIX}_0"))
 
     def booted(count: int, timeout: float = 60) -> bool:
-        deadline = now() + timeout
-        while len(reader.boots) < count and now() < deadline:
-            time.sleep(0.1)
-        return len(reader.boots) >= count
+        return poll(lambda: len(reader.boots), lambda boots: boots >= count, timeout,
+                    0.1) >= count
 
     with watching(ctx) as watch:
         try:
@@ -219,7 +221,7 @@ def cli_sigterm_case(ctx: Context) -> FaultResult:
             result.dead_lettered = sum(queue_messages(ctx.vhost, [f"{queue}.XQ"]).values())
             new_pids = {pid for pid, _ in reader.boots} - old_pids
             names = worker_connection_names(ctx.vhost, name)
-            stale = [n for n in names if int(n[len(name) + 1:].split("-")[0]) in old_pids]
+            stale = names_of(old_pids, names, name)
             if stale:
                 result.problems.append(f"the stopped worker's connections stay open: {stale}")
             if len(names) > 2 * len(new_pids):
@@ -235,13 +237,7 @@ def cli_sigterm_case(ctx: Context) -> FaultResult:
             reader.poll()
             with contextlib.suppress(Exception):
                 run_bounded(sender.close, 20, "sender.close()")
-        sent, processed, lost, duplicates = ledger.summary()
-        result.sent, result.processed, result.lost, result.duplicates = (
-            sent, processed, lost, duplicates)
-        result.lost_ids = ledger.lost_ids()
-        result.send_retries = ledger.send_retries
-        result.unexpected_logs = list(watch.unexpected)
-        result.leaks = list(watch.leaks)
+        result.count(ledger, watch)
     for log in logs:
         text = log.read_text(errors="replace") if log.exists() else ""
         if "Traceback" in text:

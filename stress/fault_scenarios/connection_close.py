@@ -18,7 +18,7 @@ def close_all_connections_case(ctx: Context, times: int = 3) -> FaultResult:
     started = now()
     with watching(ctx) as watch:
         lw = LoadedWorker(ctx, watch=watch).start()
-        try:
+        with lw.closing_on_error():
             total = ctx.scale.messages
             lw.stream(list(range(total)))
             for number in range(times):
@@ -27,9 +27,6 @@ def close_all_connections_case(ctx: Context, times: int = 3) -> FaultResult:
                 rabbit_admin.close_all_connections(f"reliability fault {number + 1}",
                                                    vhost=ctx.vhost)
                 lw.recover(window)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"server closes all connections ({times}x)")
     result.duration = now() - started
     return result

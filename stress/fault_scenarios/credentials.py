@@ -10,29 +10,18 @@ from collections.abc import Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from stress import rabbit_admin
+from stress.common import url_for_vhost
 
 
 def url_with(base: str, vhost: str, user: str | None = None, password: str | None = None) -> str:
     """``base`` with its path replaced by ``vhost`` and, if given, other credentials."""
-    parts = urlsplit(base)
-    netloc = parts.netloc.rpartition("@")[2]
-    if user is not None:
-        netloc = f"{quote(user, safe='')}:{quote(password or '', safe='')}@{netloc}"
-    else:
-        netloc = parts.netloc
-    return urlunsplit(parts._replace(netloc=netloc, path="/" + quote(vhost, safe="")))
-
-
-@contextlib.contextmanager
-def scratch_vhost(prefix: str = "faults") -> Iterator[str]:
-    """A fresh vhost ``<prefix>-<hex>`` (guest has full rights), deleted at exit."""
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    rabbit_admin.add_vhost(name, user="guest")
-    try:
-        yield name
-    finally:
-        with contextlib.suppress(rabbit_admin.RabbitmqctlError):
-            rabbit_admin.delete_vhost(name)
+    url = url_for_vhost(base, vhost)
+    if user is None:
+        return url
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    credentials = f"{quote(user, safe='')}:{quote(password or '', safe='')}"
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{host}"))
 
 
 @contextlib.contextmanager

@@ -3,8 +3,10 @@ and check at the end that nothing was lost and nothing is left on the server."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -165,20 +167,23 @@ class LoadedWorker:
                                            "(expected exactly 1)")
         finally:
             self.close(result)
-        sent, processed, lost, duplicates = self.ledger.summary()
-        result.sent, result.processed, result.lost = sent, processed, lost
-        result.duplicates = duplicates
-        result.lost_ids = self.ledger.lost_ids()
+        result.count(self.ledger, self.watch)
         result.windows = list(self.windows)
-        result.send_retries = self.ledger.send_retries
         result.duration = now() - self.started
         for window in self.windows:
             if window.consumer is None:
                 result.problems.append("the worker did not consume again after a fault")
-        if self.watch is not None:
-            result.unexpected_logs = list(self.watch.unexpected)
-            result.leaks = list(self.watch.leaks)
         return result
+
+    @contextlib.contextmanager
+    def closing_on_error(self) -> Iterator[LoadedWorker]:
+        """Around the body of a case: the worker is closed if the body raises (else
+        :meth:`finish` closes it, once everything sent was processed)."""
+        try:
+            yield self
+        except BaseException:
+            self.close()
+            raise
 
     def close(self, result: FaultResult | None = None) -> None:
         for senders in self.senders:

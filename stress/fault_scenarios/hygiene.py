@@ -147,7 +147,7 @@ def fault_loop(ctx: Context, loops: int, heartbeat: float = 2.0,
                              descriptor_kinds())
 
         kinds = ["close-all", "network-reset", "channel-close", "silent-network"]
-        try:
+        with lw.closing_on_error():
             burst(100)
             inject("close-all")  # warm-up: the reconnect path has run once
             burst(100)
@@ -170,8 +170,5 @@ def fault_loop(ctx: Context, loops: int, heartbeat: float = 2.0,
             after.threads = _settle(threading.active_count, before.threads)
             after.fds = _settle(open_fds, before.fds)
             after.kinds = descriptor_kinds()
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"fault loop ({loops}x)")
     return HygieneResult(loops, before, after, faults, result, ctx.scale.senders + 1)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from stress.fault_scenarios.context import Context
 from stress.fault_scenarios.credentials import secret_forms
+from stress.polling import poll
 
 now = time.monotonic
 
@@ -86,12 +87,7 @@ class LogWatch(logging.Handler):
             return [text for t, _, text in self.warnings if t >= since and fragment in text]
 
     def wait_for(self, fragment: str, since: float, timeout: float) -> list[str]:
-        deadline = now() + timeout
-        while True:
-            found = self.lines(fragment, since)
-            if found or now() >= deadline:
-                return found
-            time.sleep(0.05)
+        return poll(lambda: self.lines(fragment, since), bool, timeout)
 
 
 @contextlib.contextmanager

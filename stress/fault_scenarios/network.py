@@ -23,7 +23,7 @@ def silent_network_case(ctx: Context, silence: float | None = None,
     with watching(ctx) as watch, FaultProxy() as proxy:
         lw = LoadedWorker(ctx, url=ctx.url_via(proxy.port), heartbeat=heartbeat,
                           connect_timeout=3, watch=watch).start()
-        try:
+        with lw.closing_on_error():
             total = ctx.scale.messages
             lw.stream(list(range(total)))
             lw.wait_processed(total // 3)
@@ -37,9 +37,6 @@ def silent_network_case(ctx: Context, silence: float | None = None,
             window.detection = None if lost_at is None else lost_at - start
             detected = watch.count("lost", since=start)
             lw.recover(window)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"network silent for {silence:.0f} s (heartbeat {heartbeat:g} s)")
     if window.detection is None:
         result.problems.append("the lost connection was never detected")
@@ -60,7 +57,7 @@ def network_reset_case(ctx: Context, resets: int = 3) -> FaultResult:
     with watching(ctx) as watch, FaultProxy() as proxy:
         lw = LoadedWorker(ctx, url=ctx.url_via(proxy.port), connect_timeout=3,
                           watch=watch).start()
-        try:
+        with lw.closing_on_error():
             total = ctx.scale.messages
             senders = lw.stream(list(range(total)), threads=ctx.scale.burst_senders, rate=None)
             for number in range(resets):
@@ -70,9 +67,6 @@ def network_reset_case(ctx: Context, resets: int = 3) -> FaultResult:
                 window = lw.begin()
                 proxy.reset()
                 lw.recover(window)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"network reset mid-publish ({resets}x, "
                            f"{ctx.scale.burst_senders} sending threads)")
     result.duration = now() - started

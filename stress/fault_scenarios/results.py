@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from stress.fault_scenarios.ledger import Ledger
+from stress.fault_scenarios.log_watch import LogWatch
+
 
 @dataclass
 class Window:
@@ -43,6 +46,15 @@ class FaultResult:
     unexpected_logs: list[str] = field(default_factory=list)
     leaks: list[str] = field(default_factory=list)
     duration: float = 0.0
+
+    def count(self, ledger: Ledger, watch: LogWatch | None) -> None:
+        """Take the counts of ``ledger`` and what ``watch`` caught in the logs."""
+        self.sent, self.processed, self.lost, self.duplicates = ledger.summary()
+        self.lost_ids = ledger.lost_ids()
+        self.send_retries = ledger.send_retries
+        if watch is not None:
+            self.unexpected_logs = list(watch.unexpected)
+            self.leaks = list(watch.leaks)
 
     @property
     def recovery(self) -> float | None:

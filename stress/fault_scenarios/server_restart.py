@@ -46,7 +46,7 @@ def server_restart_case(ctx: Context, down: float = 3.0) -> FaultResult:
     started = now()
     with watching(ctx) as watch:
         lw = LoadedWorker(ctx, watch=watch, connect_timeout=3).start()
-        try:
+        with lw.closing_on_error():
             total = ctx.scale.messages
             lw.stream(list(range(total)))
             lw.wait_processed(total // 3)
@@ -54,9 +54,6 @@ def server_restart_case(ctx: Context, down: float = 3.0) -> FaultResult:
             with server_stopped():
                 time.sleep(down)
             lw.recover(window)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish("server restart (stop_app, start_app)")
     result.notes.append(f"server down for {window.end - window.start:.1f} s "
                         f"(stop_app, {down:.0f} s, start_app, await_startup)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from stress import rabbit_admin
@@ -26,15 +25,9 @@ def wait_queues_empty(vhost: str, names: list[str], timeout: float,
 def connections_by_name(vhost: str) -> dict[str, list[dict[str, Any]]]:
     """The server's connections of ``vhost`` by client connection_name, in one rabbitmqctl
     call (rows have ``peer_port``, ``pid``, ``timeout`` (heartbeat) and ``channels``)."""
-    out = rabbit_admin.rabbitmqctl("list_connections", "client_properties", "vhost",
-                                   "peer_port", "pid", "timeout", "channels",
-                                   "--formatter", "json")
     result: dict[str, list[dict[str, Any]]] = {}
-    for row in json.loads(out.strip() or "[]"):
-        if row.get("vhost") != vhost:
-            continue
-        name = rabbit_admin.table_to_dict(row.get("client_properties")).get("connection_name")
-        result.setdefault(str(name), []).append(row)
+    for row in rabbit_admin.list_connections(vhost):
+        result.setdefault(str(rabbit_admin.connection_name_of(row)), []).append(row)
     return result
 
 
