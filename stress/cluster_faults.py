@@ -418,7 +418,7 @@ class ClusterRun:
 
     def stream(self, ids: list[int]) -> Senders:
         senders = Senders(self.send, ids, self.scale.senders, self.scale.send_rate,
-                             self.ledger, deadline=now() + self.scale.timeout)
+                          self.ledger, deadline=now() + self.scale.timeout)
         self.senders.append(senders)
         return senders.start()
 

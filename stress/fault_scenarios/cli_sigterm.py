@@ -1,5 +1,5 @@
 """The ``dramatiq`` CLI worker gets SIGTERM mid-run and is started again, while a producer in
-this process keeps sending; ``cli_broker`` is the broker module the CLI loads."""
+this process keeps sending; ``cli_broker`` builds the broker of the worker processes."""
 
 from __future__ import annotations
 

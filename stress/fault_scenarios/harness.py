@@ -17,7 +17,7 @@ from stress.fault_scenarios.context import Context
 from stress.fault_scenarios.ledger import ACTOR_PREFIX, PROBE_BASE, Ledger, Track, work_message
 from stress.fault_scenarios.log_watch import LogWatch
 from stress.fault_scenarios.results import FaultResult, Window
-from stress.fault_scenarios.senders import Senders
+from stress.fault_scenarios.senders import Senders, wait_sent_and_processed
 from stress.fault_scenarios.server_state import wait_one_connection_each, wait_queues_empty
 
 now = time.monotonic
@@ -136,21 +136,14 @@ class LoadedWorker:
         self.windows.append(window)
         return window
 
-    def finish(self, fault: str, *, extra_queues: tuple[str, ...] = ()) -> FaultResult:
+    def finish(self, fault: str) -> FaultResult:
         """Wait until everything sent was processed and the queues are empty on the server,
         then stop the worker, close the broker and return the result."""
         scale = self.scale
         result = FaultResult(fault)
         deadline = now() + scale.timeout
         try:
-            for senders in self.senders:
-                if not senders.join(max(1.0, deadline - now())):
-                    result.problems.append("senders did not finish")
-                    senders.stop()
-                if senders.unsent:
-                    result.problems.append(f"{len(senders.unsent)} ids could not be sent")
-            if not self.ledger.wait_all_sent_processed(max(1.0, deadline - now())):
-                result.problems.append("not every sent message was processed in time")
+            result.problems += wait_sent_and_processed(self.senders, self.ledger, deadline)
             names = [q for queue in self.queues for q in (queue, f"{queue}.DQ")]
             dead_names = [f"{q}.XQ" for q in self.queues]
             left = wait_queues_empty(self.ctx.vhost, names + dead_names,

@@ -88,3 +88,18 @@ class Senders:
 
     def stop(self) -> None:
         self.stopped.set()
+
+
+def wait_sent_and_processed(senders: list[Senders], ledger: Ledger, deadline: float) -> list[str]:
+    """Wait until ``deadline`` (monotonic) for ``senders`` to end (stopped if they do not) and
+    every sent id to be processed; the problems seen."""
+    problems: list[str] = []
+    for group in senders:
+        if not group.join(max(1.0, deadline - now())):
+            problems.append("senders did not finish")
+            group.stop()
+        if group.unsent:
+            problems.append(f"{len(group.unsent)} ids could not be sent")
+    if not ledger.wait_all_sent_processed(max(1.0, deadline - now())):
+        problems.append("not every sent message was processed in time")
+    return problems
