@@ -52,9 +52,13 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from dramatiq_kombu_broker import KombuBroker
-from stress import fault_scenarios as fh
 from stress import rabbit_admin
 from stress.bounded import run_bounded
+from stress.fault_scenarios.context import Context
+from stress.fault_scenarios.ledger import ACTOR_PREFIX, PROBE_BASE, Ledger, Track, work_message
+from stress.fault_scenarios.log_watch import LogWatch, watching
+from stress.fault_scenarios.results import FaultResult, fmt_seconds
+from stress.fault_scenarios.senders import Senders
 
 now = time.monotonic
 
@@ -272,7 +276,7 @@ PYTEST_SCALE = ClusterScale(messages=1200, send_rate=300.0, down=6.0, freeze=8.0
 
 
 @dataclass
-class ClusterResult(fh.FaultResult):
+class ClusterResult(FaultResult):
     broker: str = ""
     #: The longest single send() (seconds), and how many sends raised (then retried).
     longest_send: float = 0.0
@@ -296,7 +300,7 @@ def markdown_table(results: list[ClusterResult]) -> str:
             ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"]]
     for r in results:
         rows.append([r.fault, r.broker, str(r.sent), str(r.processed), str(r.lost),
-                     str(r.duplicates), f"{r.longest_send:.1f}", fh.fmt_seconds(r.recovery)])
+                     str(r.duplicates), f"{r.longest_send:.1f}", fmt_seconds(r.recovery)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -332,7 +336,7 @@ class ClusterRun:
     every processing, timed sends, and probes that measure when the broker works again."""
 
     def __init__(self, cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, *,
-                 heartbeat: float | None = None, watch: fh.LogWatch | None = None,
+                 heartbeat: float | None = None, watch: LogWatch | None = None,
                  elsewhere: bool = False) -> None:
         self.cluster = cluster
         self.vhost = vhost
@@ -344,10 +348,10 @@ class ClusterRun:
         self.elsewhere = elsewhere
         self.name = f"cluster-{kind}-{uuid.uuid4().hex[:6]}"
         self.queue = f"cq-{uuid.uuid4().hex[:6]}"
-        self.actor_name = f"{fh.ACTOR_PREFIX}_{self.queue.replace('-', '_')}"
-        self.ledger = fh.Ledger()
+        self.actor_name = f"{ACTOR_PREFIX}_{self.queue.replace('-', '_')}"
+        self.ledger = Ledger()
         self.broker = make_broker(kind, cluster.urls(vhost), self.name, heartbeat)
-        self.broker.add_middleware(fh.Track(self.ledger))
+        self.broker.add_middleware(Track(self.ledger))
         work_s = scale.work_ms / 1000
 
         def work(mid: int) -> None:
@@ -360,7 +364,7 @@ class ClusterRun:
         self._lock = threading.Lock()  # guards longest_send and _probes
         self.longest_send = 0.0
         self._probes = 0
-        self.senders: list[fh.Senders] = []
+        self.senders: list[Senders] = []
         self.started = 0.0
         self.home: int | None = None
         #: Where the connections and the queue were when the fault began (for the notes).
@@ -373,7 +377,7 @@ class ClusterRun:
     def send(self, mid: int) -> None:
         started = now()
         try:
-            self.broker.enqueue(fh.work_message(self.queue, mid, self.actor_name))
+            self.broker.enqueue(work_message(self.queue, mid, self.actor_name))
         finally:
             took = now() - started
             with self._lock:
@@ -409,9 +413,9 @@ class ClusterRun:
         self.worker.start()
         return self
 
-    def stream(self, ids: list[int]) -> fh.Senders:
-        senders = fh.Senders(self.send, ids, self.scale.senders, self.scale.send_rate,
-                             self.ledger, deadline=now() + self.scale.timeout)
+    def stream(self, ids: list[int]) -> Senders:
+        senders = Senders(self.send, ids, self.scale.senders, self.scale.send_rate,
+                          self.ledger, deadline=now() + self.scale.timeout)
         self.senders.append(senders)
         return senders.start()
 
@@ -435,7 +439,7 @@ class ClusterRun:
         from ``since`` until both happened (None: not within ``timeout``)."""
         with self._lock:
             self._probes += 1
-            mid = fh.PROBE_BASE + self._probes
+            mid = PROBE_BASE + self._probes
         deadline = now() + timeout
         while True:
             try:
@@ -524,7 +528,7 @@ def _run_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, faul
               heartbeat: float | None = None) -> ClusterResult:
     """Start a run, stream the ids, ``inject`` the fault once a third is processed (it returns
     the recovery time), then finish; the cluster is healed whatever happens."""
-    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+    with watching(Context(url="", vhost=vhost)) as watch:
         run = ClusterRun(cluster, vhost, kind, scale, heartbeat=heartbeat, watch=watch)
         try:
             run.start()
@@ -619,7 +623,7 @@ def cancel_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) ->
     are processed first (the deletion would drop them), the rest after the queue is back."""
     first = scale.messages // 2
     rest = list(range(first, scale.messages))
-    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+    with watching(Context(url="", vhost=vhost)) as watch:
         run = ClusterRun(cluster, vhost, kind, scale, watch=watch)
         try:
             run.start()
@@ -654,7 +658,7 @@ def classic_kill_case(cluster: Cluster, vhost: str, kind: str,
     the queue and its node, the consumer retries, nothing is lost once the node is back."""
     if kind == "kombu-quorum":
         kind = "kombu-classic"
-    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+    with watching(Context(url="", vhost=vhost)) as watch:
         run = ClusterRun(cluster, vhost, kind, scale, watch=watch, elsewhere=True)
         try:
             run.start()

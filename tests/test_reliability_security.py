@@ -26,22 +26,27 @@ from dramatiq.errors import ConnectionClosed
 from broker_helpers import run_bounded
 from dramatiq_kombu_broker import KombuBroker
 from kombu_pyamqp_threadsafe.tls import TLSSocket
-from stress import fault_scenarios as fh
 from stress import rabbit_admin
-from transport_helpers import have_openssl, make_tls_files, server_tls_context
+from stress.fault_scenarios.connection_close import close_all_connections_case
+from stress.fault_scenarios.context import Context, Scale
+from stress.fault_scenarios.credentials import secret_forms, secret_user, url_with
+from stress.fault_scenarios.fault_proxy import FaultProxy
+from stress.fault_scenarios.log_watch import LogWatch
+from stress.fault_scenarios.server_state import wait_one_connection_each
+from transport_helpers import have_openssl, make_server_cert, make_tls_files, server_tls_context
 
 
 @pytest.fixture(scope="module")
 def secret(vhost):
     """(user, password, forms of the password to look for)."""
-    with fh.secret_user(vhost) as (user, password):
-        yield user, password, fh.secret_forms(password)
+    with secret_user(vhost) as (user, password):
+        yield user, password, secret_forms(password)
 
 
 @pytest.fixture
 def secret_url(secret, amqp_url_base, vhost):
     user, password, _ = secret
-    return fh.url_with(amqp_url_base, vhost, user, password)
+    return url_with(amqp_url_base, vhost, user, password)
 
 
 def leaked(forms: list[str], *texts: str) -> list[str]:
@@ -70,7 +75,7 @@ def _message(queue: str) -> Message:
 def test_log_watch_catches_a_planted_password(secret):
     """The log check of these tests can fail: a line with the password is caught."""
     _, password, forms = secret
-    watch = fh.LogWatch(forms, debug=True).install()
+    watch = LogWatch(forms, debug=True).install()
     try:
         logging.getLogger("dramatiq_kombu_broker").debug("url is %s", f"amqp://u:{password}@h")
         try:
@@ -114,10 +119,10 @@ def test_logs_through_connection_faults_never_contain_the_password(secret, secre
     """DEBUG logging of dramatiq, kombu, py-amqp and both packages while the server closes
     every connection (reconnects, consumer restarts, dropped acks)."""
     _, password, forms = secret
-    scale = fh.Scale(messages=300, threads=8, senders=2, send_rate=150.0, burst_senders=4,
+    scale = Scale(messages=300, threads=8, senders=2, send_rate=150.0, burst_senders=4,
                      work_ms=20.0, timeout=90.0)
-    ctx = fh.Context(secret_url, vhost, scale, secret=password)
-    result = fh.close_all_connections_case(ctx, times=1)
+    ctx = Context(secret_url, vhost, scale, secret=password)
+    result = close_all_connections_case(ctx, times=1)
     assert result.lost == 0, result.explain()
     assert result.leaks == [], result.explain()
 
@@ -125,13 +130,13 @@ def test_logs_through_connection_faults_never_contain_the_password(secret, secre
 def test_error_messages_never_contain_the_password(secret, amqp_url_base, vhost, secret_url):
     user, password, forms = secret
     cases = {
-        "unknown vhost": fh.url_with(amqp_url_base, f"missing-{uuid.uuid4().hex[:6]}", user,
+        "unknown vhost": url_with(amqp_url_base, f"missing-{uuid.uuid4().hex[:6]}", user,
                                      password),
-        "wrong password": fh.url_with(amqp_url_base, vhost, user, password + "x"),
+        "wrong password": url_with(amqp_url_base, vhost, user, password + "x"),
         "connection refused": secret_url.replace(":5672", ":1"),
         "unknown host": secret_url.replace("127.0.0.1", "no-such-host.invalid"),
     }
-    watch = fh.LogWatch(forms, debug=True).install()
+    watch = LogWatch(forms, debug=True).install()
     try:
         for kind, url in cases.items():
             broker = KombuBroker(url=url, connect_timeout=2,
@@ -162,7 +167,7 @@ def test_server_shows_the_connection_name_and_no_password(secret, secret_url, vh
         broker.enqueue(_message(queue))
         consumer = broker.consume(queue)
         try:
-            listing = fh.wait_one_connection_each(vhost, [f"{name}-consumer",
+            listing = wait_one_connection_each(vhost, [f"{name}-consumer",
                                                           f"{name}-producer"])
             assert sorted(n for n in listing if n.startswith(name)) == [
                 f"{name}-consumer", f"{name}-producer"]
@@ -186,22 +191,22 @@ def tls_files(tmp_path_factory):
     assert have_openssl(), "the TLS tests need the openssl CLI (apt-get install openssl)"
     directory = tmp_path_factory.mktemp("tls")
     files = make_tls_files(directory)
-    files["other"] = fh.make_server_cert(files, directory, ["not-this-host.example"])
-    files["name-only"] = fh.make_server_cert(files, directory, ["localhost"], stem="name-only")
+    files["other"] = make_server_cert(files, directory, ["not-this-host.example"])
+    files["name-only"] = make_server_cert(files, directory, ["localhost"], stem="name-only")
     return files
 
 
 @pytest.fixture(scope="module")
 def tls_proxy(tls_files):
     """TLS with a certificate for localhost from the test CA."""
-    with fh.FaultProxy(tls=server_tls_context(tls_files)) as proxy:
+    with FaultProxy(tls=server_tls_context(tls_files)) as proxy:
         yield proxy
 
 
 @pytest.fixture(scope="module")
 def wrong_name_proxy(tls_files):
     """TLS with a certificate from the test CA, but for another host name."""
-    with fh.FaultProxy(tls=server_tls_context(tls_files["other"])) as proxy:
+    with FaultProxy(tls=server_tls_context(tls_files["other"])) as proxy:
         yield proxy
 
 
@@ -278,7 +283,7 @@ def test_amqps_worker_refuses_an_unverified_server(tls_proxy, vhost):
                          connection_name=f"tls-{uuid.uuid4().hex[:6]}")
     dramatiq.actor(lambda: None, broker=broker, actor_name="tls_refused",
                    queue_name=f"tls-{uuid.uuid4().hex[:6]}")
-    watch = fh.LogWatch().install()
+    watch = LogWatch().install()
     worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
     since = time.monotonic()
     try:
@@ -308,7 +313,7 @@ def test_amqps_reconnects_with_the_host_name_it_first_verified(tls_files, vhost)
     The server's certificate names ``localhost`` (no IP address in it, as certificates for
     host names usually have none). After the connection drops, the broker must reconnect.
     """
-    with fh.FaultProxy(tls=server_tls_context(tls_files["name-only"])) as proxy:
+    with FaultProxy(tls=server_tls_context(tls_files["name-only"])) as proxy:
         broker = KombuBroker(url=_amqps(vhost, proxy.port), connect_timeout=3,
                              connection_name=f"tls-{uuid.uuid4().hex[:6]}",
                              ssl={"ca_certs": tls_files["ca"]})
