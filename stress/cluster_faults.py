@@ -54,7 +54,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq_kombu_broker import KombuBroker
 from stress import rabbit_admin
 from stress.bounded import run_bounded
-from stress.fault_scenarios.context import Context
+from stress.fault_scenarios.context import Context, Scale
 from stress.fault_scenarios.ledger import ACTOR_PREFIX, PROBE_BASE, Ledger, Track, work_message
 from stress.fault_scenarios.log_watch import LogWatch, watching
 from stress.fault_scenarios.results import FaultResult, fmt_seconds
@@ -254,7 +254,7 @@ BROKERS = ("kombu-quorum", "kombu-classic", "rabbitmq-classic")
 
 
 @dataclass(frozen=True)
-class ClusterScale(fh.Scale):
+class ClusterScale(Scale):
     """``fault_scenarios``' scale with the cluster cases' fault durations (pytest uses
     :data:`PYTEST_SCALE`)."""
 
