@@ -98,8 +98,8 @@ class _SignallingWakeup:
         self._wakeup = wakeup
         self._sleeping = sleeping
 
-    def set(self):
-        self._wakeup.set()
+    def set(self, release_gil=True):
+        self._wakeup.set(release_gil)
 
     def wait(self, timeout):
         self._sleeping.set()
