@@ -85,18 +85,20 @@ def run_one(case: dict[str, Any]) -> dict[str, Any]:
     for worker in workers:
         worker.start()
     barrier.wait(30)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     time.sleep(seconds)
     stop.set()
     for worker in workers:
         worker.join(60)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started  # every thread of the process, the reader's too
     held = count_amqp_sockets(psutil.Process(), amqp_port(case["url"]))
     samples = [s for mine in latencies for s in mine]
     with app.connection_for_write() as conn:
         conn.default_channel.queue_delete(queue)
     return {"ok": not errors, "error": errors[0] if errors else None, "errors": len(errors),
             "published": len(samples), "rate": len(samples) / elapsed, "connections": held,
+            "cpu_per_delay": cpu / len(samples) if samples else None,
             **latency_summary(samples)}
 
 
@@ -123,6 +125,7 @@ def main() -> int:
                     results.setdefault((threads, setup), []).append(result)
                     print(f"run {repeat + 1} threads {threads} {setup}: "
                           f"{fmt_rate(result.get('rate'))}/s, p99 {fmt_ms(result.get('p99'))}, "
+                          f"CPU {fmt_ms(result.get('cpu_per_delay'))}/delay, "
                           f"{result.get('connections')} connections"
                           + ("" if result.get("ok") else f", {short_error(result)}"),
                           file=sys.stderr)
@@ -148,12 +151,13 @@ def report(results: dict[tuple[int, str], list[dict[str, Any]]], counts: list[in
                 "—" if low_high is None else f"{fmt_rate(low_high[0])}–{fmt_rate(low_high[1])}",
                 fmt_ms(median_or_none([r.get("p50") for r in runs])),
                 fmt_ms(median_or_none([r.get("p99") for r in runs])),
+                fmt_ms(median_or_none([r.get("cpu_per_delay") for r in runs])),
                 max((r.get("connections") or 0) for r in runs),
                 "—" if rate is None or not base else f"{rate / base:.2f}x",
                 f"{ok}/{len(runs)} ok",
             ])
     headers = ["threads", "setup", "delay()/s (median)", "min–max", "p50", "p99",
-               "connections held", "vs default", "runs"]
+               "CPU per delay", "connections held", "vs default", "runs"]
     return "\n".join([
         "# Celery publishers: kombu's amqp transport against shared+amqp",
         "",
