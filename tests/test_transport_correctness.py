@@ -25,6 +25,7 @@ from kombu_pyamqp_threadsafe import frames, reader
 from kombu_pyamqp_threadsafe.errors import ChannelTakenOverError, ConfirmsOutOfStepError
 from kombu_pyamqp_threadsafe.inbox import RETIRED, Mailbox
 from kombu_pyamqp_threadsafe.singleflight import SingleFlight
+from kombu_pyamqp_threadsafe.thread_channel import ThreadChannel
 from test_transport_routing import publish, wait_message_count
 from transport_helpers import Proxy, Worker, join_all, kombu_connection, start_all, url_for
 
@@ -98,8 +99,8 @@ class _SignallingWakeup:
         self._wakeup = wakeup
         self._sleeping = sleeping
 
-    def set(self):
-        self._wakeup.set()
+    def set(self, release_gil=True):
+        self._wakeup.set(release_gil)
 
     def wait(self, timeout):
         self._sleeping.set()
@@ -591,3 +592,16 @@ def test_back_pressure_wait_without_timeout_ends_with_the_failure(connect):
         writer.lock.release()
     assert join_all(worker, 10) == [], "the back-pressured publisher was never woken"
     assert isinstance(worker[0].error, conn.recoverable_connection_errors), repr(worker[0].error)
+
+
+
+def test_thread_channel_stand_in_replaces_a_closed_channel(connect):
+    """The default-channel stand-in keeps each thread's channel between calls; once that
+    channel is closed, the next call must open another, not hand the closed one out again."""
+    stand_in = ThreadChannel(connect())
+    first = stand_in.current()
+    assert stand_in.current() is first
+    first.close()
+    second = stand_in.current()
+    assert second is not first and second.is_open
+    assert stand_in.queue_declare("", exclusive=True).queue
