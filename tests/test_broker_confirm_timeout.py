@@ -8,7 +8,6 @@ ends the send. Here a bound shorter than any round trip stands in for the missin
 
 from __future__ import annotations
 
-import time
 from contextlib import suppress
 
 import amqp
@@ -17,6 +16,7 @@ import pytest
 from dramatiq.errors import ConnectionClosed
 
 from broker_helpers import BrokerEnv, run_bounded, unique
+from kombu_pyamqp_threadsafe import channel as ts_channel
 from transport_helpers import Proxy, kombu_connection, url_for
 
 
@@ -27,15 +27,13 @@ def test_a_confirm_that_does_not_come_in_time_fails_the_send(env: BrokerEnv) -> 
     def task() -> None:
         pass
 
-    def send() -> float:
-        started = time.monotonic()
+    def send() -> None:
         with pytest.raises(ConnectionClosed, match="timed out"):
             task.send()
-        return time.monotonic() - started
 
-    took = run_bounded(send, 30, "send whose confirms time out")
-    # Retried within the connect budget (10 s), each attempt on a fresh channel.
-    assert took < 20, took
+    # Retried within the connect budget (10 s), each attempt on a fresh channel; a send that
+    # waited for the confirm (none comes in time) or retried without end would hang.
+    run_bounded(send, 60, "send whose confirms time out")
 
 
 def test_the_default_confirm_timeout_lets_a_send_through(env: BrokerEnv) -> None:
@@ -57,7 +55,8 @@ def test_a_bad_confirm_timeout_is_refused(env: BrokerEnv, value: object) -> None
         env.broker(confirm_timeout=value)
 
 
-def test_a_channel_whose_confirm_timed_out_closes_without_waiting(vhost, connection_name):
+def test_a_channel_whose_confirm_timed_out_closes_without_waiting(vhost, connection_name,
+                                                                  monkeypatch):
     """The server holds the confirm (here a proxy that stops forwarding, heartbeats off): it may
     hold the Close-Ok as long, so close() must not wait for it (before: CLOSE_OK_TIMEOUT, 5 s,
     per discarded channel, on top of the confirm timeout)."""
@@ -72,10 +71,10 @@ def test_a_channel_whose_confirm_timed_out_closes_without_waiting(vhost, connect
             proxy.pause()
             with pytest.raises(TimeoutError):
                 channel.basic_publish(amqp.Message(b"x"), routing_key=queue, confirm_timeout=0.5)
-            started = time.monotonic()
+            # Far longer than the bound below: a close that waited for the Close-Ok would hang.
+            monkeypatch.setattr(ts_channel, "CLOSE_OK_TIMEOUT", 60.0)
             with suppress(OSError):
-                channel.close()
-            assert time.monotonic() - started < 1.0
+                run_bounded(channel.close, 30, "close() of a channel whose confirm timed out")
             assert not channel.is_open
         finally:
             conn.collect()
