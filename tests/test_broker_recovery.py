@@ -347,7 +347,9 @@ def test_worker_stops_promptly_while_its_consumers_cannot_reconnect(env, vhost, 
                                                                        "sleep": sleep}))
         connection._establish_connection = failing
         proxy.close()  # the listener goes: every reconnect is refused
-        assert refused.wait(2, timeout=15)
+        # Three refusals each: the pause due after the second (0.2 s) is longer than the
+        # consumers' timeout (0.1 s).
+        assert refused.wait(6, timeout=15)
         # A bound far above the consumers' 0.1 s pauses and below their recovery (about 7 s of
         # pauses, then dramatiq's restart after 3 s).
         env.stop_worker(worker, timeout=20)

@@ -23,7 +23,7 @@ import pytest
 from dramatiq import Message
 from dramatiq.errors import ConnectionClosed
 
-from broker_helpers import run_bounded
+from broker_helpers import Recorder, run_bounded
 from dramatiq_kombu_broker import KombuBroker
 from dramatiq_kombu_broker.broker import MAX_ENQUEUE_ATTEMPTS
 from kombu_pyamqp_threadsafe.tls import TLSSocket
@@ -227,20 +227,18 @@ def _round_trip(url: str, verified: bool = True, **options) -> KombuBroker:
     broker = KombuBroker(url=url, connect_timeout=5,
                          connection_name=f"tls-{uuid.uuid4().hex[:6]}", **options)
     queue = f"tls-{uuid.uuid4().hex[:6]}"
-    seen = []
+    seen = Recorder()
 
     @dramatiq.actor(broker=broker, queue_name=queue, actor_name="tls_actor")
     def tls_actor(value):
-        seen.append(value)
+        seen.add(value)
 
     worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
     worker.start()
     try:
         tls_actor.send("over tls")
-        deadline = time.monotonic() + 15
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert seen == ["over tls"]
+        assert seen.wait(1, timeout=30)
+        assert seen.snapshot() == ["over tls"]
         for connection in (broker.producer_connection, broker.consumer_connection):
             sock = connection.connection.transport.sock
             assert isinstance(sock, TLSSocket)
