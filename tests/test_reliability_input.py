@@ -22,11 +22,12 @@ from dramatiq.errors import ConnectionClosed
 
 from broker_helpers import raw_channel, run_bounded
 from dramatiq_kombu_broker import KombuBroker
+from dramatiq_kombu_broker.broker import MAX_ENQUEUE_ATTEMPTS
 from stress import fault_scenarios as fh
 from stress import rabbit_admin
 
 CONNECT_TIMEOUT = 2
-#: A connection error must come within this many seconds (one connect timeout for the
+#: A worker must log a connection error within this many seconds (one connect timeout for the
 #: attempt in progress when the retry budget runs out, plus the budget, plus slack).
 ERROR_WITHIN = 2 * CONNECT_TIMEOUT + 1.5
 
@@ -145,25 +146,33 @@ def bad_server(request, bad_servers):
 _ERRORS: dict[str, tuple[BaseException, float, KombuBroker]] = {}
 
 
-def _enqueue_error_once(kind: str, url: str, queue: str) -> tuple[BaseException, float,
+def _enqueue_error_once(kind: str, url: str, queue: str) -> tuple[BaseException, int,
                                                                    KombuBroker]:
-    """The error of the first enqueue to the bad server ``kind`` (attempted once per module:
-    each attempt takes seconds)."""
+    """The error of the first enqueue to the bad server ``kind`` and how many connection
+    attempts it made (attempted once per module: each attempt takes seconds)."""
     if kind not in _ERRORS:
         _ERRORS[kind] = _enqueue_error(url, queue)
     return _ERRORS[kind]
 
 
-def _enqueue_error(url: str, queue: str) -> tuple[BaseException, float, KombuBroker]:
+def _enqueue_error(url: str, queue: str) -> tuple[BaseException, int, KombuBroker]:
     broker = KombuBroker(url=url, connect_timeout=CONNECT_TIMEOUT,
                          connection_name=f"bad-{uuid.uuid4().hex[:6]}")
     message = Message(queue_name=queue, actor_name="fault_work_0", args=(1,), kwargs={},
                       options={})
-    start = time.monotonic()
+    attempts = []
+    connect = broker.connect
+
+    def counting_connect(connection):
+        attempts.append(connection)
+        return connect(connection)
+
+    broker.connect = counting_connect
     try:
+        # A bound far above the retry budget (CONNECT_TIMEOUT): an attempt must not hang.
         run_bounded(lambda: broker.enqueue(message), 30, "enqueue")
     except ConnectionClosed as exc:
-        return exc, time.monotonic() - start, broker
+        return exc, len(attempts), broker
     finally:
         run_bounded(broker.close, 15, "close")
     raise AssertionError(f"enqueue to {url} did not fail")
@@ -172,10 +181,14 @@ def _enqueue_error(url: str, queue: str) -> tuple[BaseException, float, KombuBro
 @pytest.mark.parametrize("bad_server", CONNECTION_CASES, indirect=True)
 def test_connection_error_is_clear_and_prompt(bad_server, serving):
     kind, url, fragment, _, password = bad_server
-    exc, elapsed, broker = _enqueue_error_once(kind, url, serving.queue)
+    exc, attempts, broker = _enqueue_error_once(kind, url, serving.queue)
     text = f"{exc} {exc!r} {exc.__context__!r} {exc.__cause__!r}"
     assert fragment in str(exc), text
-    assert elapsed < ERROR_WITHIN, f"{elapsed:.1f} s: {text}"
+    # Prompt: no retry of what no retry can fix; a silent server's one attempt takes the whole
+    # budget (the connect timeout); the rest within the enqueue's attempts, none of kombu's.
+    limit = {"wrong password": 1, "unknown vhost": 1, "silent server": 1}.get(
+        kind, MAX_ENQUEUE_ATTEMPTS)
+    assert 1 <= attempts <= limit, (attempts, text)
     assert password not in text and password not in repr(broker)
     serving.canary()
 
