@@ -7,6 +7,8 @@
 - ``python -m stress.bench``: ``KombuBroker`` side by side with dramatiq's ``RabbitmqBroker``.
 - ``python -m stress.runner``: runs any benchmark workload of ``stress/workloads/`` (``--all``
   for every one, as ``make bench`` does) and ``stress.report`` writes its results.
+- ``python -m stress.faults``: the fault scenarios of ``stress/fault_scenarios/`` (one module a
+  family of faults), which ``tests/test_reliability_*.py`` run at a small scale.
 
 Every run works in its own vhost ``stress-<hex>`` (created and deleted with ``rabbitmqctl``).
 Results go to ``stress/results/``.

@@ -29,7 +29,7 @@ from stress import rabbit_admin
 from stress.common import (
     ProcessSampler,
     ServerConnectionPoller,
-    amqp_port,
+    amqp_ports,
     dedicated_vhost,
     socket_headroom,
     url_for_vhost,
@@ -139,7 +139,7 @@ def broker_case(case: dict[str, Any], tag: str, *, connections_needed: int
     try:
         with case_vhost(case, tag) as (vhost, url):
             name = f"{tag}-{setup}-{uuid.uuid4().hex[:6]}"
-            sampler = ProcessSampler(amqp_port(url)).start()
+            sampler = ProcessSampler(amqp_ports(url)).start()
             bc = BrokerCase(setup, vhost, url, name, make_broker(setup, url, name), sampler,
                             ServerConnectionPoller(vhost, name), logs)
             try:

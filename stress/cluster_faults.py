@@ -52,9 +52,13 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from dramatiq_kombu_broker import KombuBroker
-from stress import fault_scenarios as fh
 from stress import rabbit_admin
 from stress.bounded import run_bounded
+from stress.fault_scenarios.context import Context, Scale
+from stress.fault_scenarios.ledger import ACTOR_PREFIX, PROBE_BASE, Ledger, Track, work_message
+from stress.fault_scenarios.log_watch import LogWatch, watching
+from stress.fault_scenarios.results import FaultResult, fmt_seconds
+from stress.fault_scenarios.senders import Senders
 
 now = time.monotonic
 
@@ -250,12 +254,10 @@ BROKERS = ("kombu-quorum", "kombu-classic", "rabbitmq-classic")
 
 
 @dataclass(frozen=True)
-class ClusterScale:
-    """How big and how long a case is (pytest uses :data:`PYTEST_SCALE`)."""
+class ClusterScale(Scale):
+    """``fault_scenarios``' scale with the cluster cases' fault durations (pytest uses
+    :data:`PYTEST_SCALE`)."""
 
-    messages: int = 3000
-    threads: int = 64
-    senders: int = 8
     send_rate: float = 200.0
     work_ms: float = 20.0
     #: Seconds a killed node stays down before it is restarted.
@@ -266,16 +268,15 @@ class ClusterScale:
     heartbeat: float = 5.0
     #: Seconds between the nodes of a rolling restart.
     settle: float = 3.0
-    timeout: float = 240.0
 
 
 SCRIPT_SCALE = ClusterScale()
-PYTEST_SCALE = ClusterScale(messages=1200, send_rate=300.0, down=6.0, freeze=6.0,
+PYTEST_SCALE = ClusterScale(messages=1200, send_rate=300.0, down=6.0, freeze=8.0,
                             heartbeat=2.0, settle=0.5, timeout=120.0)
 
 
 @dataclass
-class ClusterResult(fh.FaultResult):
+class ClusterResult(FaultResult):
     broker: str = ""
     #: The longest single send() (seconds), and how many sends raised (then retried).
     longest_send: float = 0.0
@@ -299,7 +300,7 @@ def markdown_table(results: list[ClusterResult]) -> str:
             ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:"]]
     for r in results:
         rows.append([r.fault, r.broker, str(r.sent), str(r.processed), str(r.lost),
-                     str(r.duplicates), f"{r.longest_send:.1f}", fh.fmt_seconds(r.recovery)])
+                     str(r.duplicates), f"{r.longest_send:.1f}", fmt_seconds(r.recovery)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -335,7 +336,7 @@ class ClusterRun:
     every processing, timed sends, and probes that measure when the broker works again."""
 
     def __init__(self, cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, *,
-                 heartbeat: float | None = None, watch: fh.LogWatch | None = None,
+                 heartbeat: float | None = None, watch: LogWatch | None = None,
                  elsewhere: bool = False) -> None:
         self.cluster = cluster
         self.vhost = vhost
@@ -347,10 +348,10 @@ class ClusterRun:
         self.elsewhere = elsewhere
         self.name = f"cluster-{kind}-{uuid.uuid4().hex[:6]}"
         self.queue = f"cq-{uuid.uuid4().hex[:6]}"
-        self.actor_name = f"{fh.ACTOR_PREFIX}_{self.queue.replace('-', '_')}"
-        self.ledger = fh.Ledger()
+        self.actor_name = f"{ACTOR_PREFIX}_{self.queue.replace('-', '_')}"
+        self.ledger = Ledger()
         self.broker = make_broker(kind, cluster.urls(vhost), self.name, heartbeat)
-        self.broker.add_middleware(fh.Track(self.ledger))
+        self.broker.add_middleware(Track(self.ledger))
         work_s = scale.work_ms / 1000
 
         def work(mid: int) -> None:
@@ -363,7 +364,7 @@ class ClusterRun:
         self._lock = threading.Lock()  # guards longest_send and _probes
         self.longest_send = 0.0
         self._probes = 0
-        self.senders: list[fh.Senders] = []
+        self.senders: list[Senders] = []
         self.started = 0.0
         self.home: int | None = None
         #: Where the connections and the queue were when the fault began (for the notes).
@@ -376,7 +377,7 @@ class ClusterRun:
     def send(self, mid: int) -> None:
         started = now()
         try:
-            self.broker.enqueue(fh.work_message(self.queue, mid, self.actor_name))
+            self.broker.enqueue(work_message(self.queue, mid, self.actor_name))
         finally:
             took = now() - started
             with self._lock:
@@ -412,9 +413,9 @@ class ClusterRun:
         self.worker.start()
         return self
 
-    def stream(self, ids: list[int]) -> fh.Senders:
-        senders = fh.Senders(self.send, ids, self.scale.senders, self.scale.send_rate,
-                             self.ledger, deadline=now() + self.scale.timeout)
+    def stream(self, ids: list[int]) -> Senders:
+        senders = Senders(self.send, ids, self.scale.senders, self.scale.send_rate,
+                          self.ledger, deadline=now() + self.scale.timeout)
         self.senders.append(senders)
         return senders.start()
 
@@ -438,7 +439,7 @@ class ClusterRun:
         from ``since`` until both happened (None: not within ``timeout``)."""
         with self._lock:
             self._probes += 1
-            mid = fh.PROBE_BASE + self._probes
+            mid = PROBE_BASE + self._probes
         deadline = now() + timeout
         while True:
             try:
@@ -527,7 +528,7 @@ def _run_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, faul
               heartbeat: float | None = None) -> ClusterResult:
     """Start a run, stream the ids, ``inject`` the fault once a third is processed (it returns
     the recovery time), then finish; the cluster is healed whatever happens."""
-    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+    with watching(Context(url="", vhost=vhost)) as watch:
         run = ClusterRun(cluster, vhost, kind, scale, heartbeat=heartbeat, watch=watch)
         try:
             run.start()
@@ -546,22 +547,32 @@ def _run_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, faul
     return result
 
 
+def _node_lost_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale, fault: str,
+                    lose: Callable[[int], None], back: Callable[[int], None], seconds: float,
+                    heartbeat: float | None = None) -> ClusterResult:
+    """``lose`` the node holding the consumer connection and the queue's leader (or home),
+    ``back`` ``seconds`` later, probing meanwhile."""
+    def inject(run: ClusterRun) -> float | None:
+        node = run.home
+        assert node is not None
+        start = now()
+        lose(node)
+
+        def back_later() -> None:
+            time.sleep(max(0.0, start + seconds - now()))
+            back(node)
+
+        return run.probe_during(start, seconds + scale.timeout / 2, back_later)
+
+    return _run_case(cluster, vhost, kind, scale, fault, inject, heartbeat=heartbeat)
+
+
 def kill_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> ClusterResult:
     """kill -9 of the node holding the consumer connection and the queue's leader (or home),
     restarted ``down`` seconds later."""
-    def inject(run: ClusterRun) -> float | None:
-        assert run.home is not None
-        start = now()
-        cluster.kill(run.home)
-
-        def back_later() -> None:
-            time.sleep(max(0.0, start + scale.down - now()))
-            cluster.restart(run.home)
-
-        return run.probe_during(start, scale.down + scale.timeout / 2, back_later)
-
-    result = _run_case(cluster, vhost, kind, scale, f"node killed, back after {scale.down:g} s",
-                       inject)
+    result = _node_lost_case(cluster, vhost, kind, scale,
+                             f"node killed, back after {scale.down:g} s", cluster.kill,
+                             cluster.restart, scale.down)
     if result.resumed is not None and result.resumed >= scale.down:
         result.problems.append("waited for the killed node to come back")
     return result
@@ -569,27 +580,19 @@ def kill_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> C
 
 def freeze_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) -> ClusterResult:
     """SIGSTOP of the same node for ``freeze`` seconds (heartbeat ``scale.heartbeat``)."""
-    def inject(run: ClusterRun) -> float | None:
-        assert run.home is not None
-        start = now()
-        cluster.freeze(run.home)
-
-        def thaw_later() -> None:
-            time.sleep(max(0.0, start + scale.freeze - now()))
-            cluster.thaw(run.home)
-
-        return run.probe_during(start, scale.freeze + scale.timeout / 2, thaw_later)
-
-    result = _run_case(cluster, vhost, kind, scale,
-                       f"node frozen {scale.freeze:g} s (heartbeat {scale.heartbeat:g} s)",
-                       inject, heartbeat=scale.heartbeat)
+    result = _node_lost_case(cluster, vhost, kind, scale,
+                             f"node frozen {scale.freeze:g} s (heartbeat {scale.heartbeat:g} s)",
+                             cluster.freeze, cluster.thaw, scale.freeze,
+                             heartbeat=scale.heartbeat)
     if result.resumed is not None and result.resumed >= scale.freeze:
         # The hung node keeps its queue leaderships until the cluster declares it down
         # (net_ticktime, 60 s by default): until then nobody can confirm into its queues.
         result.notes.append("processing resumed once the node thawed (its queue leader hung)")
+    # A KombuBroker send waits for replies (a confirm, a channel, a declare) at most
+    # confirm_timeout (2 heartbeats here, less than the freeze), plus a reconnect's handshake.
     if result.longest_send >= 0.9 * scale.freeze:
         result.problems.append(f"a send() was stuck {result.longest_send:.1f} s, about as long "
-                               "as the node was frozen (a confirm that does not come)")
+                               "as the node was frozen (a reply that does not come)")
     return result
 
 
@@ -620,7 +623,7 @@ def cancel_case(cluster: Cluster, vhost: str, kind: str, scale: ClusterScale) ->
     are processed first (the deletion would drop them), the rest after the queue is back."""
     first = scale.messages // 2
     rest = list(range(first, scale.messages))
-    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+    with watching(Context(url="", vhost=vhost)) as watch:
         run = ClusterRun(cluster, vhost, kind, scale, watch=watch)
         try:
             run.start()
@@ -655,7 +658,7 @@ def classic_kill_case(cluster: Cluster, vhost: str, kind: str,
     the queue and its node, the consumer retries, nothing is lost once the node is back."""
     if kind == "kombu-quorum":
         kind = "kombu-classic"
-    with fh.watching(fh.Context(url="", vhost=vhost)) as watch:
+    with watching(Context(url="", vhost=vhost)) as watch:
         run = ClusterRun(cluster, vhost, kind, scale, watch=watch, elsewhere=True)
         try:
             run.start()
@@ -793,8 +796,7 @@ CLUSTER_NOTE = (
     "On the local 3-node cluster (scripts/rabbitmq-cluster, three RabbitMQ nodes on the same "
     "2 cores), every broker given the three URLs; 'KombuBroker (quorum queues)' declares "
     "quorum queues (replicated on the 3 nodes), the others classic queues. Peak connections "
-    "count only those to the first node's port: KombuBroker's two connections start at a "
-    "random node, so it shows 0 to 2.")
+    "count the case's connections to all three nodes' ports.")
 
 
 def cluster_bench_defaults(args: argparse.Namespace) -> None:

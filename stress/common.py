@@ -2,8 +2,9 @@
 
 - a dedicated vhost per run (``stress-<tag>-<hex>``), deleted at the end, so queues and connection
   counts never mix with other test sessions on the same server;
-- samplers: this process's RSS, thread count and TCP connections to the AMQP port (psutil, exact
-  and cheap), and the server-side connection count (``rabbitmqctl``, slow: poll every few s);
+- samplers: this process's RSS, thread count and TCP connections to the AMQP ports (every node
+  of a failover list; psutil, exact and cheap), and the server-side connection count
+  (``rabbitmqctl``, slow: poll every few s);
 - percentiles, formatting and markdown tables (``stress.runner`` runs the benchmark cases).
 """
 
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -41,9 +42,14 @@ def url_for_vhost(url: str, vhost: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
 
 
-def amqp_port(url: str) -> int:
-    parts = urlsplit(url)
-    return parts.port or (5671 if parts.scheme in ("amqps", "pyamqps") else 5672)
+def amqp_ports(url: str) -> frozenset[int]:
+    """The AMQP ports of ``url``: of every URL of a ``;``-separated failover list (a cluster's
+    nodes), so the connections a broker holds are counted on whichever node they sit."""
+    ports: set[int] = set()
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        ports.add(parts.port or (5671 if parts.scheme in ("amqps", "pyamqps") else 5672))
+    return frozenset(ports)
 
 
 def _raise_system_exit(signum: int, frame: Any) -> None:
@@ -115,13 +121,14 @@ def socket_headroom(reserve: int = SOCKET_RESERVE) -> tuple[int, str] | None:
 # -------------------------------------------------------------------------------------- samplers
 
 
-def count_amqp_sockets(proc: psutil.Process, port: int) -> int:
-    """TCP connections of ``proc`` whose remote port is ``port`` (held, whatever their state)."""
+def count_amqp_sockets(proc: psutil.Process, ports: Collection[int]) -> int:
+    """TCP connections of ``proc`` whose remote port is one of ``ports`` (held, whatever their
+    state)."""
     try:
         conns = proc.net_connections(kind="tcp")
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return 0
-    return sum(1 for c in conns if c.raddr and c.raddr.port == port)
+    return sum(1 for c in conns if c.raddr and c.raddr.port in ports)
 
 
 class ProcessSampler:
@@ -130,9 +137,9 @@ class ProcessSampler:
     ``peak_*`` are maxima over the samples (summed over the processes of one sample).
     """
 
-    def __init__(self, port: int, *, pid: int | None = None, interval: float = 0.5,
+    def __init__(self, ports: Collection[int], *, pid: int | None = None, interval: float = 0.5,
                  children: bool = False) -> None:
-        self.port = port
+        self.ports = ports
         self.proc = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.children = children
@@ -166,7 +173,7 @@ class ProcessSampler:
                     threads += proc.num_threads()
             except psutil.Error:
                 continue
-            sockets += count_amqp_sockets(proc, self.port)
+            sockets += count_amqp_sockets(proc, self.ports)
         self.rss, self.threads, self.sockets = rss, threads, sockets
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_threads = max(self.peak_threads, threads)

@@ -47,10 +47,32 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from stress import fault_scenarios as fh
 from stress import rabbit_admin
+from stress.common import dedicated_vhost
+from stress.fault_scenarios.channel_close import channel_close_case
+from stress.fault_scenarios.cli_sigterm import cli_sigterm_case
+from stress.fault_scenarios.connection_close import close_all_connections_case
+from stress.fault_scenarios.context import SCRIPT_SCALE, Context
+from stress.fault_scenarios.credentials import secret_user, url_with
+from stress.fault_scenarios.harness import LoadedWorker
+from stress.fault_scenarios.hygiene import fault_loop
+from stress.fault_scenarios.idle import idle_case
+from stress.fault_scenarios.log_watch import watching
+from stress.fault_scenarios.network import network_reset_case, silent_network_case
+from stress.fault_scenarios.results import FaultResult, details_table, markdown_table
+from stress.fault_scenarios.server_restart import server_restart_case
 
-#: (flag, field of fh.Scale, type, help) of the options that size the cases.
+#: The fault cases, in the order they run.
+FAULT_CASES: dict[str, Callable[[Context], FaultResult]] = {
+    "close-all": close_all_connections_case,
+    "restart": server_restart_case,
+    "silent-network": silent_network_case,
+    "network-reset": network_reset_case,
+    "channel-close": channel_close_case,
+    "sigterm": cli_sigterm_case,
+}
+
+#: (flag, field of Scale, type, help) of the options that size the cases.
 SCALE_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--messages", "messages", int, "messages per case"),
     ("--threads", "threads", int, "worker threads"),
@@ -60,7 +82,6 @@ SCALE_OPTIONS: list[tuple[str, str, type, str]] = [
     ("--work-ms", "work_ms", float, "time each message takes in the actor"),
     ("--processes", "cli_processes", int, "dramatiq CLI processes in the sigterm case"),
 ]
-ORDER = ["close-all", "restart", "silent-network", "network-reset", "channel-close", "sigterm"]
 
 
 def progress(text: str) -> None:
@@ -74,10 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", default=rabbit_admin.amqp_url(),
                         help="the RabbitMQ (default: AMQP_URL or %(default)s)")
     parser.add_argument("--cases", help=f"comma-separated fault cases (default: all of "
-                        f"{','.join(ORDER)}; none when --loops or --idle is given)")
+                        f"{','.join(FAULT_CASES)}; none when --loops or --idle is given)")
     parser.add_argument("--skip", default="", help="comma-separated cases to leave out")
     for flag, field, kind, what in SCALE_OPTIONS:
-        parser.add_argument(flag, dest=field, type=kind, default=getattr(fh.SCRIPT_SCALE, field),
+        parser.add_argument(flag, dest=field, type=kind, default=getattr(SCRIPT_SCALE, field),
                             metavar=flag[2:].upper(), help=f"{what} (default %(default)s)")
     parser.add_argument("--loops", type=int, metavar="N",
                         help="resource hygiene: N faults in turn on one worker, threads, "
@@ -93,18 +114,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
     if args.cases is None:
-        args.cases = "" if (args.loops or args.idle or args.close_cost) else ",".join(ORDER)
+        args.cases = "" if (args.loops or args.idle or args.close_cost) else ",".join(FAULT_CASES)
     cases = [c for c in args.cases.split(",") if c]
     skip = {c for c in args.skip.split(",") if c}
-    unknown = [c for c in [*cases, *skip] if c not in fh.FAULT_CASES]
+    unknown = [c for c in [*cases, *skip] if c not in FAULT_CASES]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}; known: {', '.join(ORDER)}")
-    args.case_list = [c for c in ORDER if c in cases and c not in skip]
+        parser.error(f"unknown case(s) {unknown}; known: {', '.join(FAULT_CASES)}")
+    args.case_list = [c for c in FAULT_CASES if c in cases and c not in skip]
     return args
 
 
-def drain_with_closes(ctx: fh.Context, closes: int, *, close: bool = True
-                      ) -> tuple[float, list[float], fh.FaultResult]:
+def drain_with_closes(ctx: Context, closes: int, *, close: bool = True
+                      ) -> tuple[float, list[float], FaultResult]:
     """Seconds the worker takes to process a full queue while the server closes every
     connection ``closes`` times (0: the no-fault floor), how long after each close (when the
     consumer saw it) a message delivered on a new channel was processed, and the result.
@@ -115,9 +136,9 @@ def drain_with_closes(ctx: fh.Context, closes: int, *, close: bool = True
     rabbitmqctl calls and probes run but close nothing: the floor of the harness itself
     (each rabbitmqctl call burns about a CPU second starting an Erlang VM).
     """
-    with fh.watching(ctx) as watch:
-        lw = fh.LoadedWorker(ctx, watch=watch)
-        try:
+    with watching(ctx) as watch:
+        lw = LoadedWorker(ctx, watch=watch)
+        with lw.closing_on_error():
             total = ctx.scale.messages
             for queue in lw.queues:
                 lw.broker.declare_queue(queue, ensure=True)
@@ -135,9 +156,6 @@ def drain_with_closes(ctx: fh.Context, closes: int, *, close: bool = True
                 lw.probe()  # the producer connection comes back too
             lw.wait_processed(total + closes)
             drained = max(t for t, mid, _, _ in lw.ledger.log if mid < total)
-        except BaseException:
-            lw.close()
-            raise
         result = lw.finish(f"{closes} closes")
     losses: list[float] = []
     for moment, _, text in watch.warnings:
@@ -192,18 +210,18 @@ def guarded(title: str, section: Callable[[], list[str]]) -> list[str]:
         return [f"problem: {type(exc).__name__}: {exc}"]
 
 
-def hygiene(ctx: fh.Context, loops: int) -> list[str]:
+def hygiene(ctx: Context, loops: int) -> list[str]:
     """Resource hygiene: ``loops`` faults in turn on one worker, resources before vs after."""
-    result = fh.fault_loop(ctx, loops, progress=progress)
+    result = fault_loop(ctx, loops, progress=progress)
     problems = result.problems + result.result.unexpected_logs[:3]
     return [result.table(), "", f"faults: {dict(result.faults)}; messages: "
             f"sent {result.result.sent}, lost {result.result.lost}, "
             f"duplicates {result.result.duplicates}", ""] + [f"problem: {p}" for p in problems]
 
 
-def idle(ctx: fh.Context, seconds: float, heartbeat: float | None) -> list[str]:
+def idle(ctx: Context, seconds: float, heartbeat: float | None) -> list[str]:
     """A worker idle for ``seconds`` still holds its connections and consumes."""
-    result = fh.idle_case(ctx, seconds, heartbeat=heartbeat, progress=progress)
+    result = idle_case(ctx, seconds, heartbeat=heartbeat, progress=progress)
     return [f"heartbeat {result.heartbeat:g} s",
             f"connections before: {result.ports_before}",
             f"connections after:  {result.ports_after}",
@@ -216,7 +234,7 @@ def idle(ctx: fh.Context, seconds: float, heartbeat: float | None) -> list[str]:
             ] + [f"problem: {p}" for p in result.problems]
 
 
-def close_cost(ctx: fh.Context, closes: int = 3) -> list[str]:
+def close_cost(ctx: Context, closes: int = 3) -> list[str]:
     """Issue 13's measurement: a full queue drained without a fault and with ``closes``
     forced closes; what the closes cost and how fast consumers resumed after each."""
     floor, _, base = drain_with_closes(ctx, 0)
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return cluster_faults.main([a for a in argv if a != "--cluster"])
     args = parse_args(argv)
-    scale = replace(fh.SCRIPT_SCALE, **{field: getattr(args, field)
+    scale = replace(SCRIPT_SCALE, **{field: getattr(args, field)
                                         for _, field, _, _ in SCALE_OPTIONS})
     work_dir = Path(tempfile.mkdtemp(prefix="faults-"))
     log_file = work_dir / "run.log"
@@ -253,20 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"logs and CLI output in {work_dir}")
     report: list[str] = []
     failed = False
-    with fh.scratch_vhost("faults") as vhost, fh.secret_user(vhost) as (user, password):
-        ctx = fh.Context(fh.url_with(args.url, vhost, user, password), vhost, scale,
+    with dedicated_vhost("faults") as vhost, secret_user(vhost) as (user, password):
+        ctx = Context(url_with(args.url, vhost, user, password), vhost, scale,
                          secret=password, work_dir=work_dir)
-        results: list[fh.FaultResult] = []
+        results: list[FaultResult] = []
         for case in args.case_list:
             if case == "restart":
                 progress("restarting RabbitMQ (stop_app/start_app): every client of the node "
                          "is disconnected")
             progress(f"{case}: {scale.messages} messages, {scale.threads} worker threads")
             try:
-                result = fh.FAULT_CASES[case](ctx)
+                result = FAULT_CASES[case](ctx)
             except Exception as exc:  # noqa: BLE001 - reported as a failed case
                 logging.exception("case %s failed", case)
-                result = fh.FaultResult(case, problems=[f"{type(exc).__name__}: {exc}"])
+                result = FaultResult(case, problems=[f"{type(exc).__name__}: {exc}"])
             results.append(result)
             failed |= not result.ok
             progress(("ok  " if result.ok else "FAIL") + " " + result.explain().splitlines()[0])
@@ -277,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{scale.threads} worker threads, {scale.messages} messages per case "
                        f"(streamed by {scale.senders} threads at {scale.send_rate:g}/s, "
                        f"{scale.work_ms:g} ms of work each).", "",
-                       fh.markdown_table(results), "", fh.details_table(results), ""]
+                       markdown_table(results), "", details_table(results), ""]
         sections: list[tuple[str, Callable[[], list[str]]]] = []
         if args.loops:
             sections.append((f"Resource hygiene ({args.loops} faults)",

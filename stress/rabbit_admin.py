@@ -49,6 +49,7 @@ CONNECTION_COLUMNS = (
     "pid",
     "channels",
     "state",
+    "timeout",
 )
 CHANNEL_COLUMNS = (
     "name",

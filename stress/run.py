@@ -47,7 +47,7 @@ from stress.common import (
     RESULTS_DIR,
     ProcessSampler,
     ServerConnectionPoller,
-    amqp_port,
+    amqp_ports,
     dedicated_vhost,
     fmt_mib,
     fmt_ms,
@@ -209,7 +209,7 @@ def run_in_process(args: argparse.Namespace, vhost: str, url: str, prefix: str) 
     budgets = split(args.messages, chains)
 
     poller = ServerConnectionPoller(vhost, prefix, args.poll_interval)
-    sampler = ProcessSampler(amqp_port(url)).start()
+    sampler = ProcessSampler(amqp_ports(url)).start()
     # Seed before the worker starts: a seeder competing with 900 busy worker threads for the
     # GIL takes tens of seconds, and the first chains would be done before the last began.
     seed_started = time.monotonic()
@@ -329,7 +329,7 @@ def run_cli(args: argparse.Namespace, vhost: str, url: str, prefix: str) -> dict
     print(f"$ {' '.join(workers.cmd)}  (worker log: {workers.log_path})", file=sys.stderr)
     workers.start()
     poller = ServerConnectionPoller(vhost, worker_prefix, args.poll_interval).start()
-    sampler = ProcessSampler(amqp_port(url), pid=workers.pid, children=True).start()
+    sampler = ProcessSampler(amqp_ports(url), pid=workers.pid, children=True).start()
 
     # Seed from this process, on a broker of the same kind with a connection of its own.
     seeder = make_broker(args.broker, url, f"{prefix}-seed")

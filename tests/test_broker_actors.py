@@ -20,6 +20,7 @@ from broker_helpers import (
     consumer_channels,
     raw_channel,
     recording_actor,
+    run_bounded,
     time_limits,
     unique,
     wait_until,
@@ -216,7 +217,8 @@ def test_time_limit_dead_letters_and_worker_stays_healthy(env, server_connection
     def slow():
         start = time.monotonic()
         try:
-            while time.monotonic() - start < 2:
+            # Far longer than the limit: only TimeLimit ends it "limited", however late it lands.
+            while time.monotonic() - start < 60:
                 time.sleep(0.01)
         except TimeLimitExceeded:
             outcome.add(("limited", time.monotonic() - start))
@@ -229,10 +231,9 @@ def test_time_limit_dead_letters_and_worker_stays_healthy(env, server_connection
 
     env.worker(broker, threads=2)
     slow.send()
-    assert outcome.wait(1, timeout=15)
-    [(what, elapsed)] = outcome.snapshot()
+    assert outcome.wait(1, timeout=30)
+    [(what, _)] = outcome.snapshot()
     assert what == "limited"
-    assert elapsed < 1.5
     assert wait_until(lambda: broker.get_queue_message_counts(queue)[2] == 1, timeout=10)
 
     for i in range(5):
@@ -268,10 +269,9 @@ def test_join_returns_when_drained_and_times_out_when_not(env):
     assert len(seen) == 30
 
     # Nobody consumes idle_queue: its message stays and join gives up.
-    started = time.monotonic()
     with pytest.raises(QueueJoinTimeout):
-        broker.join(idle_queue, timeout=500)
-    assert time.monotonic() - started < 5
+        # A bound far above the 0.5 s: a join that ignored its timeout would wait forever.
+        run_bounded(lambda: broker.join(idle_queue, timeout=500), 30, "broker.join(timeout=500)")
     # A delayed message counts too (join waits for q.DQ as well).
     never.send_with_options(args=(2,), delay=60_000)
     assert broker.get_queue_message_counts(idle_queue) == (1, 1, 0)

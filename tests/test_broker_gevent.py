@@ -20,7 +20,7 @@ from cli_helpers import ROOT, Results, cli_environment, connection_ports
 from stress import rabbit_admin
 from stress.cli_send_next import CliSendNext
 from stress.cli_workers import CliWorkers
-from stress.common import ProcessSampler, ServerConnectionPoller, amqp_port
+from stress.common import ProcessSampler, ServerConnectionPoller, amqp_ports
 from stress.polling import poll
 
 #: Bounded waits below add up to more than pytest's default 120 s when a worker hangs.
@@ -122,7 +122,7 @@ def test_a_thousand_greenlets_send_the_next_on_two_connections(amqp_url, vhost, 
     with cli("stress.actors", environ, tmp_path / "dramatiq-gevent.log", threads=1000,
              queue=run.queue) as workers:
         poller = ServerConnectionPoller(vhost, run.workers, interval=1.0).start()
-        sampler = ProcessSampler(amqp_port(amqp_url), pid=workers.pid, children=True).start()
+        sampler = ProcessSampler(amqp_ports(amqp_url), pid=workers.pid, children=True).start()
         try:
             processed = run.wait_processed()
             assert processed >= run.messages, (processed, workers.log_tail())

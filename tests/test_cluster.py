@@ -51,16 +51,14 @@ def test_node_holding_connections_and_leader_killed_loses_nothing_and_goes_on(
     assert result.resumed is not None and result.resumed < SCALE.down, result.explain()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect: when the frozen node also holds the consumer connection, processing was not "
-    "seen again within the case's window in 2 of 3 runs (the sends themselves stayed bounded "
-    "by confirm_timeout)"))
 def test_frozen_node_is_left_through_heartbeats_and_no_send_hangs(rabbit_cluster, cluster_vhost):
-    """The same node frozen (SIGSTOP, sockets open) for three heartbeat intervals: the client
+    """The same node frozen (SIGSTOP, sockets open) for four heartbeat intervals: the client
     leaves it through heartbeats, and no single send() waits for the thaw (freeze_case counts
-    a send stuck about as long as the freeze as a problem): a confirm the hung queue leader
-    holds is given up after confirm_timeout and the send retried. Processing itself resumes
-    when the node thaws or the cluster declares it down (net_ticktime, 60 s by default)."""
+    a send stuck about as long as the freeze as a problem): every reply a send waits for (the
+    confirm the hung queue leader holds, a channel or a declare on the hung connection) is
+    given up after confirm_timeout (two intervals) and the send raises. The consumer, moved to
+    another node, waits there in basic.consume for the hung leader: processing resumes when
+    the node thaws (or the cluster declares it down: net_ticktime, 60 s by default)."""
     result = cf.freeze_case(rabbit_cluster, cluster_vhost, "kombu-quorum", SCALE)
     check(result)
     assert result.resumed is not None, result.explain()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from kombu_pyamqp_threadsafe.inbox import Inbox, Mailbox
+from kombu_pyamqp_threadsafe.inbox import Inbox, Mailbox, Wakeup
 
 METHODS = 20_000
 OWNERS = 4
@@ -76,3 +76,19 @@ def test_every_method_is_taken_once_while_owners_change() -> None:
     assert all(taken), [len(mine) for mine in taken]  # the mailbox went round
     for mine in taken:
         assert mine == sorted(mine)
+
+
+def test_a_ring_that_keeps_the_gil_wakes_a_sleeper() -> None:
+    """The reader rings several owners in a row without letting the GIL go
+    (``Wakeup.set(release_gil=False)``); each sleeper must wake as from an ordinary ring. A
+    ring that wrote nothing would leave its sleeper blocked (without a timeout) for good."""
+    wakeups = [Wakeup() for _ in range(3)]
+    sleepers = [threading.Thread(target=wakeup.wait, args=(None,), daemon=True)
+                for wakeup in wakeups]
+    for sleeper in sleepers:
+        sleeper.start()
+    for wakeup in wakeups:
+        wakeup.set(release_gil=False)
+    for sleeper in sleepers:
+        sleeper.join(10)
+    assert [sleeper.is_alive() for sleeper in sleepers] == [False, False, False]

@@ -21,7 +21,14 @@ import os
 
 import pytest
 
-from stress import fault_scenarios as fh
+from stress.fault_scenarios.channel_close import channel_close_case
+from stress.fault_scenarios.cli_sigterm import cli_sigterm_case
+from stress.fault_scenarios.connection_close import close_all_connections_case
+from stress.fault_scenarios.context import PYTEST_SCALE, Context
+from stress.fault_scenarios.credentials import secret_user, url_with
+from stress.fault_scenarios.network import network_reset_case, silent_network_case
+from stress.fault_scenarios.results import FaultResult, details_table, markdown_table
+from stress.fault_scenarios.server_restart import rabbitmq_running, server_restart_case
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,16 +38,16 @@ RESTART_ENABLED = os.environ.get("RELIABILITY_RESTART", "1") != "0"
 
 @pytest.fixture(scope="module")
 def ctx(amqp_url_base, vhost, tmp_path_factory):
-    with fh.secret_user(vhost) as (user, password):
-        yield fh.Context(fh.url_with(amqp_url_base, vhost, user, password), vhost,
-                         fh.PYTEST_SCALE, secret=password,
+    with secret_user(vhost) as (user, password):
+        yield Context(url_with(amqp_url_base, vhost, user, password), vhost,
+                         PYTEST_SCALE, secret=password,
                          work_dir=tmp_path_factory.mktemp("faults"))
 
 
-def check(result: fh.FaultResult) -> None:
+def check(result: FaultResult) -> None:
     """Every sent message processed, the worker back, nothing unexpected logged or leaked."""
-    print("\n" + fh.markdown_table([result]) + "\n" + fh.details_table([result]))
-    assert result.sent >= fh.PYTEST_SCALE.messages, result.explain()
+    print("\n" + markdown_table([result]) + "\n" + details_table([result]))
+    assert result.sent >= PYTEST_SCALE.messages, result.explain()
     assert result.lost == 0, result.explain()
     assert result.processed >= result.sent, result.explain()
     assert result.recovery is not None, result.explain()
@@ -51,7 +58,7 @@ def check(result: fh.FaultResult) -> None:
 
 
 def test_server_closes_every_connection_three_times(ctx):
-    result = fh.close_all_connections_case(ctx, times=3)
+    result = close_all_connections_case(ctx, times=3)
     check(result)
     assert len(result.windows) == 3
     # The consumer is back after dramatiq's 3 s restart delay, not much later.
@@ -61,14 +68,14 @@ def test_server_closes_every_connection_three_times(ctx):
 @pytest.mark.skipif(not RESTART_ENABLED, reason="RELIABILITY_RESTART=0: the server restart "
                     "case disconnects every client of the RabbitMQ node")
 def test_server_restart(ctx):
-    result = fh.server_restart_case(ctx)
-    assert fh.rabbitmq_running()
+    result = server_restart_case(ctx)
+    assert rabbitmq_running()
     check(result)
     assert result.recovery < 15, result.explain()
 
 
 def test_network_goes_silent_then_comes_back(ctx):
-    result = fh.silent_network_case(ctx, heartbeat=2.0)
+    result = silent_network_case(ctx, heartbeat=2.0)
     check(result)
     window = result.windows[0]
     # Detected through heartbeats: two intervals (4 s) plus the reader's tick.
@@ -77,20 +84,20 @@ def test_network_goes_silent_then_comes_back(ctx):
 
 
 def test_network_resets_while_many_threads_publish(ctx):
-    result = fh.network_reset_case(ctx, resets=3)
+    result = network_reset_case(ctx, resets=3)
     check(result)
     assert len(result.windows) == 3
     assert result.recovery < 10, result.explain()
 
 
 def test_server_closes_one_consumer_channel_others_keep_running(ctx):
-    result = fh.channel_close_case(ctx, queues=3)
+    result = channel_close_case(ctx, queues=3)
     check(result)
     assert result.recovery < 10, result.explain()
 
 
 def test_cli_worker_sigterm_mid_run_then_restarted(ctx):
-    result = fh.cli_sigterm_case(ctx)
+    result = cli_sigterm_case(ctx)
     check(result)
     # A graceful stop acks what it finished and returns the rest: nothing runs twice.
     assert result.duplicates == 0, result.explain()

@@ -18,7 +18,9 @@ import uuid
 
 import pytest
 
-from stress import fault_scenarios as fh
+from stress.fault_scenarios.context import PYTEST_SCALE, Context
+from stress.fault_scenarios.hygiene import fault_loop
+from stress.fault_scenarios.idle import idle_case
 from transport_helpers import kombu_connection
 
 LOOPS = 4
@@ -26,12 +28,12 @@ LOOPS = 4
 
 @pytest.fixture
 def ctx(amqp_url, vhost):
-    return fh.Context(amqp_url, vhost, fh.PYTEST_SCALE)
+    return Context(amqp_url, vhost, PYTEST_SCALE)
 
 
 @pytest.mark.timeout(240)
 def test_fault_loop_leaves_threads_fds_and_channels_where_they_began(ctx):
-    hygiene = fh.fault_loop(ctx, LOOPS, heartbeat=2.0)
+    hygiene = fault_loop(ctx, LOOPS, heartbeat=2.0)
     result = hygiene.result
     print("\n" + hygiene.table())
     assert sum(hygiene.faults.values()) == LOOPS + 1, hygiene.faults
@@ -49,7 +51,7 @@ def test_fault_loop_leaves_threads_fds_and_channels_where_they_began(ctx):
 @pytest.mark.timeout(120)
 def test_idle_worker_stays_connected_and_consumes(ctx):
     heartbeat = 2.0
-    idle = fh.idle_case(ctx, 3 * heartbeat, heartbeat=heartbeat)
+    idle = idle_case(ctx, 3 * heartbeat, heartbeat=heartbeat)
     assert idle.server_heartbeat == [heartbeat, heartbeat], idle
     assert idle.problems == [], idle
     assert idle.latency_after is not None and idle.latency_after < 2.0, idle

@@ -3,7 +3,8 @@
 * :class:`Proxy` (from ``stress.tcp_proxy``): a TCP proxy on 127.0.0.1 in front of the server
   that can stop forwarding (a silent peer) or cut every connection; with an ``ssl.SSLContext``
   it terminates TLS.
-* :func:`make_tls_files`: a throw-away CA and a ``localhost`` server certificate (openssl CLI).
+* :func:`make_tls_files`: a throw-away CA and a ``localhost`` server certificate (openssl CLI);
+  :func:`make_server_cert`: another server certificate signed by that CA.
 * :class:`Worker`: a daemon thread that records its result, its exception and when it raised.
 * :func:`reap_child`: lets a forked child end and reaps it, with a deadline.
 * :func:`open_fds` (from ``stress.resources``) / :func:`settled` /
@@ -152,37 +153,54 @@ def have_openssl() -> bool:
     return shutil.which("openssl") is not None
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _sign_server_cert(ca: dict[str, Path], directory: Path, stem: str, common_name: str,
+                      alt_names: str) -> dict[str, str]:
+    """A server certificate ``<stem>.pem`` (key ``<stem>.key``) for the subjectAltName
+    ``alt_names``, signed by the CA ``ca`` (``{"pem": ..., "key": ...}``)."""
+    key, csr, pem = (directory / f"{stem}.key", directory / f"{stem}.csr",
+                     directory / f"{stem}.pem")
+    ext = directory / f"{stem}.ext"
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        f"subjectAltName={alt_names}\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+    )
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+             "-subj", f"/CN={common_name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca["pem"]), "-CAkey", str(ca["key"]),
+             "-CAcreateserial", "-out", str(pem), "-days", "2", "-sha256",
+             "-extfile", str(ext))
+    return {"ca": str(ca["pem"]), "cert": str(pem), "key": str(key)}
+
+
 def make_tls_files(directory: Path) -> dict[str, str]:
     """Write a self-signed CA and a server certificate for ``localhost`` / 127.0.0.1.
 
     Returns paths: ``ca`` (CA certificate), ``cert`` and ``key`` (server).
     """
     directory = Path(directory)
-    ca_key, ca_pem = directory / "ca.key", directory / "ca.pem"
-    key, csr, pem = directory / "server.key", directory / "server.csr", directory / "server.pem"
-    ext = directory / "server.ext"
-    ext.write_text(
-        "basicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\n"
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-        "subjectKeyIdentifier=hash\n"
-        "authorityKeyIdentifier=keyid,issuer\n"
-    )
+    ca = {"pem": directory / "ca.pem", "key": directory / "ca.key"}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca["key"]),
+             "-out", str(ca["pem"]), "-days", "2", "-subj", "/CN=kombu-pyamqp-threadsafe test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return _sign_server_cert(ca, directory, "server", "localhost", "DNS:localhost,IP:127.0.0.1")
 
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
-            "-out", str(ca_pem), "-days", "2", "-subj", "/CN=kombu-pyamqp-threadsafe test CA",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-            "-subj", "/CN=localhost")
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key),
-            "-CAcreateserial", "-out", str(pem), "-days", "2", "-sha256",
-            "-extfile", str(ext))
-    return {"ca": str(ca_pem), "cert": str(pem), "key": str(key)}
+def make_server_cert(tls_files: dict[str, str], directory: Path, names: list[str],
+                     stem: str = "other") -> dict[str, str]:
+    """A server certificate for the DNS ``names`` only (no IP address) signed by the CA of
+    :func:`make_tls_files`; files ``<stem>.pem`` and ``<stem>.key``."""
+    ca = {"pem": Path(tls_files["ca"]), "key": Path(tls_files["ca"]).with_name("ca.key")}
+    return _sign_server_cert(ca, Path(directory), stem, names[0],
+                             ",".join(f"DNS:{n}" for n in names))
 
 
 def server_tls_context(files: dict[str, str]) -> ssl.SSLContext:

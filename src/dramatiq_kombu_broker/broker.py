@@ -21,6 +21,7 @@ from kombu_pyamqp_threadsafe import (
     KombuConnection,
     PublishBlockedError,
     forksafe,
+    replies_within,
 )
 
 from .consumer import KombuConsumer
@@ -76,8 +77,8 @@ class KombuBroker(Broker):
         queues.
       queue_arguments: extra arguments for ``q`` and ``q.DQ``.
       connect_timeout: seconds to wait for the TCP and AMQP handshake (default 10).
-      confirm_timeout: seconds a publish waits for its confirm before the send retries it
-        (default 10; a send that still gets none raises ConnectionClosed).
+      confirm_timeout: seconds a send waits for the server's replies, its confirm included,
+        over all its attempts (default 10; then it raises ConnectionClosed).
       blocked_timeout: seconds a send waits while the server blocks publishing (a memory or
         disk alarm) before it raises ConnectionClosed naming the reason (default 30; pika's
         ``blocked_connection_timeout`` sets it too).
@@ -304,8 +305,15 @@ class KombuBroker(Broker):
                 self.forget_queue(canonical)
             logger.debug("enqueue of %s failed: %r", message.message_id, exc)
 
-        retrying(lambda: self._with_producer_channel(publish), MAX_ENQUEUE_ATTEMPTS,
-                 self.settings.connect_timeout, self._producer_server, on_error)
+        # Every reply the send waits for (a new channel's Open-Ok, a declare, the confirm),
+        # over all its attempts, comes within confirm_timeout: a server that answers nothing
+        # with its socket open (a hung node) does not hold the sender until heartbeats notice.
+        # No attempt starts after that deadline: it could not get a reply.
+        settings = self.settings
+        with replies_within(settings.confirm_timeout):
+            retrying(lambda: self._with_producer_channel(publish), MAX_ENQUEUE_ATTEMPTS,
+                     min(settings.connect_timeout, settings.confirm_timeout),
+                     self._producer_server, on_error)
         self.emit_after("enqueue", message, delay)
         return message
 

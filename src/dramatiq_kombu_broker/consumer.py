@@ -22,6 +22,8 @@ from dramatiq.common import q_name
 from dramatiq.errors import DecodeError
 from dramatiq.message import Message, get_encoder
 
+from kombu_pyamqp_threadsafe import replies_within
+
 from .reconnect import recovery_policy
 from .retry import connection_closed
 
@@ -78,17 +80,25 @@ class KombuConsumer(Consumer):
             raise
 
     def _open(self) -> None:
-        """Connect if needed, open a channel, declare the queues and consume."""
-        self.broker.connect(self._kombu)
-        channel = self._kombu.channel()
-        self.channel = channel
-        # py-amqp turns a body into str when the message names a content_encoding (kombu
-        # and celery producers do); dramatiq decodes bytes itself.
-        channel.auto_decode = False
-        self.connection = channel.connection
-        self.broker.ensure_queues(q_name(self.queue_name), channel)
-        channel.basic_qos(0, self.prefetch, False)
-        channel.basic_consume(self.queue_name, callback=self._buffer.append)
+        """Connect if needed, open a channel, declare the queues and consume.
+
+        Each reply (Open-Ok, Declare-Ok, Qos-Ok, Consume-Ok) comes within connect_timeout or
+        the attempt fails (TimeoutError) and the next one opens a new channel: a quorum queue's
+        basic.consume waits on the server for the queue's leader, and one sent while the
+        leader's node hung was held up to a minute past the thaw, while a new one consumed at
+        once.
+        """
+        with replies_within(self.broker.settings.connect_timeout):
+            self.broker.connect(self._kombu)
+            channel = self._kombu.channel()
+            self.channel = channel
+            # py-amqp turns a body into str when the message names a content_encoding (kombu
+            # and celery producers do); dramatiq decodes bytes itself.
+            channel.auto_decode = False
+            self.connection = channel.connection
+            self.broker.ensure_queues(q_name(self.queue_name), channel)
+            channel.basic_qos(0, self.prefetch, False)
+            channel.basic_consume(self.queue_name, callback=self._buffer.append)
         self._live = True
 
     def __next__(self) -> KombuMessage | None:
@@ -155,6 +165,10 @@ class KombuConsumer(Consumer):
         try:
             self._open()
         except (AMQPError, OSError) as exc:
+            if self._closed:
+                # close() (another thread: the worker stopping) took the channel over to close
+                # it, which woke this attempt; closing it here too would take it back.
+                return False
             self._discard_channel()
             if self._policy.failed() is None:
                 raise connection_closed(exc, self._kombu.as_uri()) from None

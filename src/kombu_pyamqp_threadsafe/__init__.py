@@ -2,6 +2,7 @@
 
 from .channel import Channel
 from .connection import Connection
+from .deadline import replies_within
 from .errors import (
     ChannelOwnershipError,
     ChannelPoolLimitError,
@@ -36,4 +37,5 @@ __all__ = [
     "add_shared_amqp_transport",
     "connection_stats",
     "monkeypatch_pyamqp_transport",
+    "replies_within",
 ]

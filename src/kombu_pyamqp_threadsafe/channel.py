@@ -18,6 +18,7 @@ from amqp.exceptions import AMQPError, MessageNacked, RecoverableConnectionError
 from amqp.serialization import dumps
 from kombu.transport import pyamqp
 
+from .deadline import bounded
 from .errors import ChannelOwnershipError, ChannelTakenOverError, ConfirmsOutOfStepError, Failure
 from .flow import PublishBlockedError
 from .inbox import RETIRED, Mailbox
@@ -38,8 +39,9 @@ class Channel(pyamqp.Channel):
     """kombu's pyamqp channel with an owner thread and per-message publisher confirms."""
 
     _mailbox: Mailbox
-    #: A confirm on this channel timed out: close() then does not wait for the Close-Ok.
-    _confirm_timed_out = False
+    #: A reply or a confirm on this channel timed out: close() then does not wait for the
+    #: Close-Ok.
+    _reply_timed_out = False
     #: Its open or close broke off (see _abandon): the reader collects it once the server is
     #: done with it.
     _abandoned = False
@@ -181,7 +183,7 @@ class Channel(pyamqp.Channel):
     # While it waits, drain_events checks that the channel is still the caller's (another
     # thread may close it: the closer adopts it), so the wait ends instead of sleeping forever,
     # and while the server blocks the connection it waits at most blocked_timeout from the
-    # start of the block.
+    # start of the block. Inside replies_within() (deadline.py) the wait ends by its deadline.
     def wait(self, method: Any, callback: Any = None, timeout: float | None = None,
              returns_tuple: bool = False) -> Any:
         self._check_owner()
@@ -194,17 +196,23 @@ class Channel(pyamqp.Channel):
             # Deliveries are not deferred while closing: they are dropped then.
             with connection.waiting_for_reply(self, defer=not self.is_closing):
                 return super().wait(method, callback=callback,
-                                    timeout=self._close_ok_timeout() if closing else timeout,
+                                    timeout=bounded(self._close_ok_timeout() if closing
+                                                    else timeout),
                                     returns_tuple=returns_tuple)
+        except TimeoutError:
+            if not closing:  # a close that times out abandons the channel (see close())
+                # The server holds this reply and may hold the Close-Ok as long.
+                self._reply_timed_out = True
+            raise
         except RecoverableConnectionError:
             if self.connection is None:  # upstream's "already closed": closed by whom?
                 self._check_still_owned(connection._thread_inbox())
             raise
 
     def _close_ok_timeout(self) -> float:
-        """CLOSE_OK_TIMEOUT, or 0 once a confirm timed out: the server that holds the confirm
+        """CLOSE_OK_TIMEOUT, or 0 once a reply or a confirm timed out: the server that holds it
         (a hung queue leader) may hold the Close-Ok as long."""
-        return 0.0 if self._confirm_timed_out else CLOSE_OK_TIMEOUT
+        return 0.0 if self._reply_timed_out else CLOSE_OK_TIMEOUT
 
     # Upstream: opens in the calling thread, which waits for Open-Ok; the channel is in the
     # connection's channels from __init__ on, so one whose open breaks off stays there. Here
@@ -355,10 +363,10 @@ class Channel(pyamqp.Channel):
         )
 
     def _wait_for_confirm(self, seq: int, timeout: float | None) -> None:
-        """Until the confirm of ``seq``; with no timeout, woken by the connection's failure
-        or by another thread closing the channel (drain_events checks the owner); while the
-        server blocks the connection, at most until blocked_timeout after the block began
-        (flow.py)."""
+        """Until the confirm of ``seq``, at most ``timeout`` and the replies_within() deadline;
+        with neither, woken by the connection's failure or by another thread closing the
+        channel (drain_events checks the owner); while the server blocks the connection, at
+        most until blocked_timeout after the block began (flow.py)."""
         deadline = None if timeout is None else monotonic() + timeout
         inbox = None
         while self._unconfirmed.get(seq) is None:
@@ -369,14 +377,14 @@ class Channel(pyamqp.Channel):
                     self._check_still_owned(inbox)
                 raise RecoverableConnectionError("channel closed while waiting for a confirm")
             inbox = connection._thread_inbox()
-            remaining = None if deadline is None else max(0.0, deadline - monotonic())
+            remaining = bounded(None if deadline is None else max(0.0, deadline - monotonic()))
             try:
                 with connection.waiting_for_reply(self):
                     connection.drain_events(timeout=remaining)
             except TimeoutError:
                 # The server holds this confirm (a hung queue leader on another node, say):
                 # it may hold the Close-Ok as long, so closing this channel does not wait.
-                self._confirm_timed_out = True
+                self._reply_timed_out = True
                 raise
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:

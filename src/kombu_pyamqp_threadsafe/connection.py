@@ -278,10 +278,16 @@ class Connection(pyamqp.Connection):
             self.frame_writer.queue_method(channel_id, spec.Channel.CloseOk)
 
     def _ring_doorbells(self) -> None:
-        """Reader thread, after each read: wake the owners of what it brought."""
+        """Reader thread, after each read: wake the owners of what it brought.
+
+        One ring lets the GIL go as it wakes its owner, who then finds it free. Several ring
+        holding the GIL (inbox.py, _write_holding_gil): letting it go at each ring made the
+        reader wait for it again after every one, behind the owners it had just woken.
+        """
         doorbells = self._doorbells
+        release_gil = len(doorbells) == 1
         for inbox, mailbox in doorbells:
-            inbox.put(mailbox)
+            inbox.put(mailbox, release_gil)
         doorbells.clear()
 
     # Upstream: reads the socket until one method arrives. Here: dispatch the next method for a

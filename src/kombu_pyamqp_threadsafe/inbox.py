@@ -9,15 +9,18 @@ owner gets a doorbell for each, and the old owner's doorbells for that channel r
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import queue
 import select
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
 from time import monotonic
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from . import forksafe
 from .greenlets import threads_are_greenlets
@@ -31,6 +34,31 @@ class Deferred(NamedTuple):
     them at least (the reader may have appended more since the scan)."""
 
     scanned: int
+
+
+#: What a ring writes: an eventfd's counter increment (8 bytes).
+_ONE = b"\x01\0\0\0\0\0\0\0"
+
+
+def _write_holding_gil() -> Callable[[int, bytes, int], int] | None:
+    """libc's ``write(2)`` called without letting the GIL go (ctypes.PyDLL), or None.
+
+    ``os.write`` releases the GIL for every call. The reader rings several owners after one
+    read; with many threads waiting for the GIL it then had to win it back after every ring,
+    one publisher's turn each, so its rings took longer than the rest of its work and the
+    socket went unread meanwhile. A ring never blocks (see Wakeup.set), so holding the GIL
+    across it costs nothing.
+    """
+    try:
+        write = ctypes.PyDLL(None, use_errno=True).write
+    except (AttributeError, OSError):
+        return None
+    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    write.restype = ctypes.c_ssize_t
+    return cast("Callable[[int, bytes, int], int]", write)
+
+
+_gil_held_write = _write_holding_gil()
 
 
 class Wakeup:
@@ -55,10 +83,22 @@ class Wakeup:
         self._poller = select.poll()
         self._poller.register(self._read_fd, select.POLLIN)
 
-    def set(self) -> None:
-        """Any thread: wake the sleeper (or make its next wait return at once)."""
-        with suppress(BlockingIOError):  # a full pipe wakes the sleeper already
-            os.write(self._write_fd, b"\x01\0\0\0\0\0\0\0")
+    def set(self, release_gil: bool = True) -> None:
+        """Any thread: wake the sleeper (or make its next wait return at once).
+
+        With ``release_gil=False`` the write keeps the GIL (the reader ringing several owners
+        in a row, see _write_holding_gil). It never blocks: an eventfd's counter does not
+        overflow by ones, and the pipe's write end is non-blocking.
+        """
+        write = _gil_held_write
+        if release_gil or write is None:
+            with suppress(BlockingIOError):  # a full pipe wakes the sleeper already
+                os.write(self._write_fd, _ONE)
+            return
+        if write(self._write_fd, _ONE, 8) < 0:
+            code = ctypes.get_errno()
+            if code not in (errno.EAGAIN, errno.EWOULDBLOCK):  # a full pipe: as above
+                raise OSError(code, os.strerror(code))
 
     def wait(self, timeout: float | None) -> None:
         """The owning thread: sleep until set() or ``timeout`` seconds, then reset."""
@@ -90,8 +130,9 @@ class GreenletWakeup:
 
         self._event = Event()
 
-    def set(self) -> None:
-        """Any greenlet: wake the sleeper (or make its next wait return at once)."""
+    def set(self, release_gil: bool = True) -> None:
+        """Any greenlet: wake the sleeper (or make its next wait return at once); the GIL
+        does not come into it (one OS thread)."""
         self._event.set()
 
     def wait(self, timeout: float | None) -> None:
@@ -154,10 +195,10 @@ class Inbox:
         self._doorbells: deque[Mailbox | None] = deque()
         self._wakeup = thread_wakeup()
 
-    def put(self, mailbox: Mailbox | None) -> None:
-        """Any thread: ring."""
+    def put(self, mailbox: Mailbox | None, release_gil: bool = True) -> None:
+        """Any thread: ring (``release_gil``: see Wakeup.set)."""
         self._doorbells.append(mailbox)
-        self._wakeup.set()
+        self._wakeup.set(release_gil)
 
     def wake(self) -> None:
         self.put(None)
@@ -197,7 +238,7 @@ class _RetiredInbox:
     thread = None
     owned: set[Mailbox] = set()
 
-    def put(self, mailbox: Mailbox | None) -> None:
+    def put(self, mailbox: Mailbox | None, release_gil: bool = True) -> None:
         return None
 
     def wake(self) -> None:

@@ -56,8 +56,11 @@ class Registry:
         self._entries: dict[Hashable, SharedConnection] = {}
         # Entries whose handle was garbage-collected. A weakref callback may run inside any
         # code, this registry's locked sections included, so it only puts the entry here
-        # (SimpleQueue.put is safe there); the closer thread does the rest.
-        self._dropped: queue.SimpleQueue[SharedConnection] = queue.SimpleQueue()
+        # (SimpleQueue.put is safe there); the closer thread does the rest. Both are made at
+        # the first connect, not at import: under gevent's monkey-patching (applied after
+        # this module was imported) the queue must be gevent's, or the closer greenlet's
+        # get() would block the one OS thread every greenlet runs in.
+        self._dropped: queue.SimpleQueue[SharedConnection] | None = None
         self._closer: threading.Thread | None = None
         forksafe.register(self)
 
@@ -73,15 +76,17 @@ class Registry:
                 entry = self._entries[key] = SharedConnection(key)
             first = handle not in entry.handles
             entry.handles.add(handle)
-            if self._closer is None:
-                self._closer = threading.Thread(target=self._close_dropped, daemon=True,
-                                                name="amqp-shared-connection-closer")
+            dropped = self._dropped
+            if dropped is None:
+                dropped = self._dropped = queue.SimpleQueue()
+                self._closer = threading.Thread(target=self._close_dropped, args=(dropped,),
+                                                daemon=True, name="amqp-shared-connection-closer")
                 self._closer.start()
         if first:
             # Upstream: a kombu.Connection dropped without release() has its socket closed by
             # the collector. Here the socket is the reader thread's, so the last handle's
             # collection closes it.
-            weakref.finalize(handle, self._dropped.put, entry).atexit = False
+            weakref.finalize(handle, dropped.put, entry).atexit = False
 
         def attempt() -> Any:
             connection = open_connection()
@@ -104,11 +109,11 @@ class Registry:
             entry.thread_channels.clear()
         return connection
 
-    def _close_dropped(self) -> None:
+    def _close_dropped(self, dropped: queue.SimpleQueue[SharedConnection]) -> None:
         """The closer thread: close the connection of an entry whose handles were all dropped
         without release() (the last release() closes it otherwise). Sleeps until woken."""
         while True:
-            entry = self._dropped.get()
+            entry = dropped.get()
             with self._lock:
                 if any(True for _ in entry.handles) or self._entries.get(entry.key) is not entry:
                     continue
@@ -152,7 +157,7 @@ class Registry:
         # reconnect through fresh entries.
         self._lock = threading.Lock()
         self._entries = {}
-        self._dropped = queue.SimpleQueue()
+        self._dropped = None
         self._closer = None
 
 

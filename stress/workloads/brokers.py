@@ -32,7 +32,7 @@ from stress import cluster_faults
 from stress import workload as hops
 from stress.common import (
     ProcessSampler,
-    amqp_port,
+    amqp_ports,
     fmt_threads,
     latency_summary,
     socket_headroom,
@@ -138,7 +138,7 @@ def notes(planned: list[dict[str, Any]]) -> list[str]:
         text.append(f"send-the-next: {first['chain']['duration']:g} s per case, one chain per "
                     "worker thread, latency = enqueue to start of processing.")
     text.append(
-        "peak connections = TCP connections of the case's process to the AMQP port (psutil, "
+        "peak connections = TCP connections of the case's process to the AMQP port(s) (psutil, "
         "every 0.5 s; max over the runs). RSS and threads: peak of the case's process. CPU = "
         "user+system seconds of the case's process per 1000 messages. lost/dup summed over the "
         "runs. Both brokers: `confirm_delivery=True`, persistent messages. A case needing more "
@@ -198,7 +198,7 @@ class Setup:
             _queue_admin(case["url"], self.queue, preload=[
                 Message(queue_name=self.queue, actor_name=hops.HOP_ACTOR, args=(i, 0, 1, 0.0),
                         kwargs={}, options={}).encode() for i in range(case["messages"])])
-        self.sampler = ProcessSampler(amqp_port(case["url"])).start()
+        self.sampler = ProcessSampler(amqp_ports(case["url"])).start()
         kind = case["setup"]
         make = cluster_faults.bench_broker if kind == "kombu-quorum" else hops.make_broker
         self.broker = make(kind, case["url"],

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from stress.common import ProcessSampler, amqp_port, fmt_threads, latency_summary, vhost_session
+from stress.common import ProcessSampler, amqp_ports, fmt_threads, latency_summary, vhost_session
 from stress.start_line import race, time_calls
 
 NAME = "bench_celery"
@@ -68,7 +68,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     def noop(n: int) -> None:
         return None
 
-    sampler = ProcessSampler(amqp_port(case["url"])).start()
+    sampler = ProcessSampler(amqp_ports(case["url"])).start()
     noop.delay(0)  # connect, declare the queue
     stop = threading.Event()
 

@@ -31,7 +31,7 @@ from stress.cli_workers import CliWorkers
 from stress.common import (
     ProcessSampler,
     ServerConnectionPoller,
-    amqp_port,
+    amqp_ports,
     dedicated_vhost,
     fmt_rate,
     socket_headroom,
@@ -128,7 +128,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
                              shutdown_timeout_ms=10_000, log_path=Path(tmp) / "worker.log")
         with workers:
             poller = ServerConnectionPoller(vhost, run.workers, interval=2.0).start()
-            sampler = ProcessSampler(amqp_port(url), pid=workers.pid, children=True).start()
+            sampler = ProcessSampler(amqp_ports(url), pid=workers.pid, children=True).start()
             try:
                 if run.wait_processed(1, timeout=120) < 1:
                     raise RuntimeError(f"nothing processed in 120 s:\n{workers.log_tail(1500)}")

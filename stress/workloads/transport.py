@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from stress import rabbit_admin
 from stress.common import (
     ProcessSampler,
-    amqp_port,
+    amqp_ports,
     fmt_ms,
     fmt_threads,
     latency_summary,
@@ -247,7 +247,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     queue = f"bt-{case['setup']}-{uuid.uuid4().hex[:8]}"
     names = (queue, f"{queue}-idle")
     _queues(case["admin_url"], names)
-    sampler = ProcessSampler(amqp_port(case["url"])).start()
+    sampler = ProcessSampler(amqp_ports(case["url"])).start()
     shared = idle = None
     if case["setup"] == "shared":
         shared = KombuConnection(case["url"], ssl=case["ssl"], transport_options={
