@@ -8,6 +8,8 @@ lost, duplicated and unexpected messages are counted exactly, and end-to-end lat
 Default mode: one process, ``dramatiq.Worker(broker, worker_threads=T, worker_timeout=100)``.
 ``--cli``: the real ``dramatiq`` CLI (``--processes P --threads T``) runs ``stress.actors``;
 every processed id is reported through a results queue that this process consumes.
+``--gevent``: the same under ``dramatiq-gevent`` (monkey-patched; ``--threads`` greenlets per
+process, 1,000 and one process by default).
 
 A live progress line shows processed messages, rate, in-flight messages and the server-side
 connection count of the run (``rabbitmqctl``, polled every few seconds). The run works in a
@@ -19,6 +21,7 @@ RabbitmqBroker); 1 otherwise; 2 when the broker cannot be used at all.
 
     python -m stress.run [--threads 900] [--messages 100000] [--duration S]
     python -m stress.run --cli --processes 2 --threads 100 --messages 20000
+    python -m stress.run --gevent --messages 20000        # 1 process x 1,000 greenlets
     python -m stress.run --broker rabbitmq --threads 50 --messages 5000   # the pika broker
 """
 
@@ -28,9 +31,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -42,8 +42,8 @@ from typing import Any
 
 from dramatiq_kombu_broker.topology import declarations, queue_arguments
 from stress import rabbit_admin
+from stress.cli_workers import CliWorkers
 from stress.common import (
-    REPO_ROOT,
     RESULTS_DIR,
     ProcessSampler,
     ServerConnectionPoller,
@@ -63,6 +63,7 @@ from stress.workload import (
     HOP_STRIDE,
     LogCounter,
     Tracker,
+    actors_environment,
     broker_available,
     define_hop_actor,
     make_broker,
@@ -318,27 +319,17 @@ def run_cli(args: argparse.Namespace, vhost: str, url: str, prefix: str) -> dict
     worker_prefix = f"{prefix}-w"
     started = time.time()
     deadline = started + args.duration if args.duration else None
-    env = dict(os.environ)
-    env.update({
-        "STRESS_BROKER": args.broker, "STRESS_URL": url,
-        "STRESS_CONNECTION_NAME": worker_prefix, "STRESS_QUEUE": args.queue,
-        "STRESS_RESULTS_QUEUE": results_queue,
-        "STRESS_DEADLINE": "" if deadline is None else repr(deadline),
-        "STRESS_DELAY_EVERY": str(args.delay_every), "STRESS_DELAY_MS": str(args.delay_ms),
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    })
-    cmd = [sys.executable, "-m", "dramatiq", "stress.actors", "--processes", str(args.processes),
-           "--threads", str(args.threads), "-Q", args.queue,
-           "--worker-shutdown-timeout", str(int(args.stop_timeout * 1000))]
-    log_path = RESULTS_DIR / "run-cli-workers.log.tmp"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w")  # noqa: SIM115 - closed below, after the process ends
-    print(f"$ {' '.join(cmd)}  (worker log: {log_path})", file=sys.stderr)
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    env = actors_environment(args.broker, url, worker_prefix, args.queue, results_queue,
+                             deadline=deadline, delay_every=args.delay_every,
+                             delay_ms=args.delay_ms)
+    workers = CliWorkers("stress.actors", processes=args.processes, threads=args.threads,
+                         queues=[args.queue], env=env, gevent=args.gevent,
+                         shutdown_timeout_ms=int(args.stop_timeout * 1000),
+                         log_path=RESULTS_DIR / "run-cli-workers.log.tmp")
+    print(f"$ {' '.join(workers.cmd)}  (worker log: {workers.log_path})", file=sys.stderr)
+    workers.start()
     poller = ServerConnectionPoller(vhost, worker_prefix, args.poll_interval).start()
-    sampler = ProcessSampler(amqp_ports(url), pid=proc.pid, children=True).start()
+    sampler = ProcessSampler(amqp_ports(url), pid=workers.pid, children=True).start()
 
     # Seed from this process, on a broker of the same kind with a connection of its own.
     seeder = make_broker(args.broker, url, f"{prefix}-seed")
@@ -354,28 +345,23 @@ def run_cli(args: argparse.Namespace, vhost: str, url: str, prefix: str) -> dict
     poller.stop(final_poll=True)  # the last count, while every connection is still open
     seeding.join()
     seeder.close()
-    if proc.poll() is not None and reason != "interrupted":
-        reason += f"; dramatiq exited early with status {proc.returncode}"
+    early = workers.exit_status()
+    if early is not None and reason != "interrupted":
+        reason += f"; dramatiq exited early with status {early}"
     stop_started = time.monotonic()
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(args.stop_timeout + 30)
-    except subprocess.TimeoutExpired:
+    exit_status = workers.stop(args.stop_timeout + 30)
+    if workers.killed:
         reason += "; dramatiq did not stop in time (killed)"
-        proc.kill()
-        proc.wait()
     stop_s = time.monotonic() - stop_started
-    log_file.close()
     sampler.stop()
     consumer.drain()
     return {
         "reason": reason, "tracker": tracker, "started": started, "stop_s": stop_s,
         "sampler": sampler, "poller": poller, "seed_errors": seed_errors + consumer.errors,
-        "processes": args.processes, "chains": chains, "exit_status": proc.returncode,
+        "processes": args.processes, "chains": chains, "exit_status": exit_status,
         "chaos": chaos,
         "reporting_pids": len(consumer.pids - {None}), "results_received": consumer.received,
-        "worker_log": str(log_path),
+        "worker_log": str(workers.log_path),
     }
 
 
@@ -423,8 +409,16 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], vhost: str,
         problems.append("server connection count never read")
     if run["reason"] == "interrupted":
         problems.append("interrupted")
-    mode = (f"dramatiq CLI, {run['processes']} processes x {args.threads} threads" if args.cli
-            else f"in-process dramatiq.Worker, {args.threads} threads")
+    if args.cli and run.get("exit_status") != 0:
+        status = run.get("exit_status")
+        problems.append("dramatiq killed: it did not stop on SIGTERM" if status is None
+                        else f"dramatiq exit status {status}")
+    if args.gevent:
+        mode = f"dramatiq-gevent CLI, {run['processes']} processes x {args.threads} greenlets"
+    elif args.cli:
+        mode = f"dramatiq CLI, {run['processes']} processes x {args.threads} threads"
+    else:
+        mode = f"in-process dramatiq.Worker, {args.threads} threads"
     names = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in sorted(poller.peak_names.items()))
     rows = [
         ("broker", f"{args.broker} ({mode})"),
@@ -486,8 +480,9 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], vhost: str,
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stress.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=900,
-                        help="worker threads (per process with --cli); default 900")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="worker threads (per process with --cli, greenlets per process "
+                             "with --gevent); default 900, 1000 with --gevent")
     parser.add_argument("--messages", type=int, default=100_000,
                         help="messages in total (seeds included); default 100000")
     parser.add_argument("--duration", type=float, default=None,
@@ -496,7 +491,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="kombu: KombuBroker (default); rabbitmq: dramatiq's RabbitmqBroker")
     parser.add_argument("--cli", action="store_true",
                         help="run the workers under the dramatiq CLI (stress.actors)")
-    parser.add_argument("--processes", type=int, default=2, help="--cli worker processes")
+    parser.add_argument("--gevent", action="store_true",
+                        help="run the workers under dramatiq-gevent (implies --cli)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="--cli worker processes (default 2, 1 with --gevent)")
     parser.add_argument("--max-connections", type=int, default=None,
                         help="fail above this many connections (default: 2 per process for "
                              "kombu, unchecked for rabbitmq)")
@@ -520,6 +518,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output", default=str(OUTPUT), help="markdown summary file")
     args = parser.parse_args(argv)
     args.argv = argv
+    args.cli = args.cli or args.gevent
+    if args.threads is None:
+        args.threads = 1000 if args.gevent else 900
+    if args.processes is None:
+        args.processes = 1 if args.gevent else 2
     if args.threads < 1 or args.messages < 1 or args.processes < 1:
         parser.error("--threads, --messages and --processes must be positive")
     if args.messages // args.threads >= HOP_STRIDE:
@@ -541,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"stress-run-{uuid.uuid4().hex[:8]}"
     with dedicated_vhost("run", keep=args.keep_vhost) as vhost:
         url = url_for_vhost(rabbit_admin.amqp_url(), vhost)
+        unit = "greenlets" if args.gevent else "threads"
         print(f"vhost {vhost}, connection name prefix {prefix}; {args.messages:,} messages, "
-              f"{args.threads} threads{f' x {args.processes} processes' if args.cli else ''}",
+              f"{args.threads} {unit}{f' x {args.processes} processes' if args.cli else ''}",
               file=sys.stderr)
         runner = run_cli if args.cli else run_in_process
         run = runner(args, vhost, url, prefix)

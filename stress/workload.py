@@ -58,6 +58,18 @@ def make_broker(kind: str, url: str, connection_name: str, *, heartbeat: int | N
     raise ValueError(f"unknown broker kind {kind!r} (kombu or rabbitmq)")
 
 
+def actors_environment(kind: str, url: str, connection_name: str, queue: str,
+                       results_queue: str, *, deadline: float | None = None,
+                       delay_every: int = 0, delay_ms: int = 0) -> dict[str, str]:
+    """The environment ``stress.actors`` builds its broker and hop actor from (see there)."""
+    return {
+        "STRESS_BROKER": kind, "STRESS_URL": url, "STRESS_CONNECTION_NAME": connection_name,
+        "STRESS_QUEUE": queue, "STRESS_RESULTS_QUEUE": results_queue,
+        "STRESS_DEADLINE": "" if deadline is None else repr(deadline),
+        "STRESS_DELAY_EVERY": str(delay_every), "STRESS_DELAY_MS": str(delay_ms),
+    }
+
+
 def broker_available(kind: str) -> str | None:
     """None when ``kind`` can be built here, else why not."""
     if kind == "kombu":

@@ -6,50 +6,19 @@ processes what the test sends, and exits cleanly (code 0) on SIGTERM.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dramatiq
 
-from broker_helpers import connections_named, raw_channel, unique, wait_until
+from broker_helpers import connections_named, unique, wait_until
+from cli_helpers import Results
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAMATIQ = Path(sys.executable).with_name("dramatiq")
-
-
-class Results:
-    """Reads the ``record`` messages the example's actors publish to the results queue."""
-
-    def __init__(self, amqp_url: str, queue: str) -> None:
-        self.amqp_url = amqp_url
-        self.queue = queue
-        self.records: list[list] = []
-
-    def drain(self) -> list[list]:
-        with raw_channel(self.amqp_url) as channel:
-            while True:
-                message = channel.basic_get(self.queue, no_ack=True)
-                if message is None:
-                    break
-                self.records.append(json.loads(message.body)["args"])
-        return self.records
-
-    def of_kind(self, kind: str) -> list[list]:
-        return [values[1:] for values in self.records if values[0] == kind]
-
-    def wait(self, predicate, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.2)
-            self.drain()
-        return True
 
 
 def test_example_app_under_the_dramatiq_cli(env, amqp_url, vhost, tmp_path):

@@ -1,0 +1,69 @@
+"""Helpers for the tests that run the real dramatiq CLI (``dramatiq`` or ``dramatiq-gevent``).
+
+* :class:`Results`: the ``record`` messages the CLI's actors publish to a results queue, read
+  with ``basic_get`` on a connection of the test's own.
+* :func:`cli_environment`: what a CLI child needs to import the repository's modules.
+* :func:`connection_ports`: the server-side connections of one name prefix, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from broker_helpers import raw_channel
+from stress import rabbit_admin
+from stress.cli_workers import pythonpath
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+
+
+class Results:
+    """Reads the ``record`` messages the CLI's actors publish to the results queue."""
+
+    def __init__(self, amqp_url: str, queue: str) -> None:
+        self.amqp_url = amqp_url
+        self.queue = queue
+        self.records: list[list[Any]] = []
+
+    def drain(self) -> list[list[Any]]:
+        with raw_channel(self.amqp_url) as channel:
+            while True:
+                message = channel.basic_get(self.queue, no_ack=True)
+                if message is None:
+                    break
+                self.records.append(json.loads(message.body)["args"])
+        return self.records
+
+    def of_kind(self, kind: str) -> list[list[Any]]:
+        return [values[1:] for values in self.records if values[0] == kind]
+
+    def wait(self, predicate: Callable[[Results], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+            self.drain()
+        return True
+
+
+def cli_environment(amqp_url: str, **extra: str) -> dict[str, str]:
+    """Environment of a CLI child: the repository and tests/ importable, ``AMQP_URL`` set."""
+    return {**os.environ, "AMQP_URL": amqp_url, "PYTHONPATH": pythonpath(ROOT, TESTS), **extra}
+
+
+def connection_ports(prefix: str, vhost: str) -> dict[str, list[int]]:
+    """``{connection_name: [peer ports]}`` of the server's connections named ``prefix...``:
+    the same port before and after means the same connection, never reopened."""
+    found: dict[str, list[int]] = {}
+    for conn in rabbit_admin.list_connections(vhost):
+        name = rabbit_admin.connection_name_of(conn) or ""
+        if name.startswith(prefix):
+            found.setdefault(name, []).append(conn["peer_port"])
+    return {name: sorted(ports) for name, ports in sorted(found.items())}
