@@ -4,6 +4,7 @@
   with ``basic_get`` on a connection of the test's own.
 * :func:`cli_environment`: what a CLI child needs to import the repository's modules.
 * :func:`connection_ports`: the server-side connections of one name prefix, by name.
+* :func:`example_work`: examples/app.py's ``work`` actor, for the test to send with.
 """
 
 from __future__ import annotations
@@ -15,12 +16,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dramatiq
+
 from broker_helpers import raw_channel
 from stress import rabbit_admin
 from stress.cli_workers import pythonpath
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
+
+
+def example_work(broker: Any, queue: str, results_queue: str) -> Any:
+    """``work``, examples/app.py's first actor, declared on the test's ``broker`` to send with
+    (the CLI's workers process it, never the test), with both of the app's queues declared."""
+
+    @dramatiq.actor(broker=broker, queue_name=queue, actor_name="work")
+    def work(item: int) -> None:
+        raise AssertionError("processed by the CLI workers only")
+
+    broker.declare_queue(results_queue, ensure=True)
+    broker.declare_queue(queue, ensure=True)
+    return work
 
 
 class Results:

@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dramatiq
-
 from broker_helpers import connections_named, unique, wait_until
-from cli_helpers import Results
+from cli_helpers import Results, example_work
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAMATIQ = Path(sys.executable).with_name("dramatiq")
@@ -27,13 +25,7 @@ def test_example_app_under_the_dramatiq_cli(env, amqp_url, vhost, tmp_path):
     name = unique("example")
 
     sender = env.broker()
-
-    @dramatiq.actor(broker=sender, queue_name=queue, actor_name="work")
-    def work(item):
-        raise AssertionError("processed by the CLI workers only")
-
-    sender.declare_queue(results_queue, ensure=True)
-    sender.declare_queue(queue, ensure=True)
+    work = example_work(sender, queue, results_queue)
 
     log = tmp_path / "dramatiq.log"
     environ = {

@@ -16,7 +16,7 @@ import dramatiq
 import pytest
 
 from broker_helpers import connections_named, unique, wait_until
-from cli_helpers import ROOT, Results, cli_environment, connection_ports
+from cli_helpers import ROOT, Results, cli_environment, connection_ports, example_work
 from stress import rabbit_admin
 from stress.cli_send_next import CliSendNext
 from stress.cli_workers import CliWorkers
@@ -64,13 +64,7 @@ def test_example_app_processes_every_message(env, amqp_url, vhost, tmp_path):
     queue, name = unique("gx"), unique("gevent-example")
     results_queue = f"{queue}-results"
     sender = env.broker()
-
-    @dramatiq.actor(broker=sender, queue_name=queue, actor_name="work")
-    def work(item):
-        raise AssertionError("processed by the CLI workers only")
-
-    sender.declare_queue(results_queue, ensure=True)
-    sender.declare_queue(queue, ensure=True)
+    work = example_work(sender, queue, results_queue)
     for item in range(500):
         work.send(item)
     environ = cli_environment(amqp_url, EXAMPLE_QUEUE=queue, EXAMPLE_RESULTS_QUEUE=results_queue,
@@ -235,13 +229,7 @@ def test_sigterm_ends_busy_forked_workers_and_leaves_the_rest_in_the_queue(env, 
     queue, name = unique("gs"), unique("gevent-stop")
     results_queue = f"{queue}-results"
     sender = env.broker()
-
-    @dramatiq.actor(broker=sender, queue_name=queue, actor_name="work")
-    def work(item):
-        raise AssertionError("processed by the CLI workers only")
-
-    sender.declare_queue(results_queue, ensure=True)
-    sender.declare_queue(queue, ensure=True)
+    work = example_work(sender, queue, results_queue)
     for item in range(3000):
         work.send(item)
     environ = cli_environment(amqp_url, EXAMPLE_QUEUE=queue, EXAMPLE_RESULTS_QUEUE=results_queue,
