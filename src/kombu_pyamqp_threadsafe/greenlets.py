@@ -42,6 +42,12 @@ def thread_ended(thread: threading.Thread) -> bool:
     """Whether ``thread`` has ended. A greenlet not started as a Thread (``gevent.spawn``, a
     pool's, a WSGI server's) gets a dummy Thread whose ``is_alive()`` stays True; gevent takes
     it out of threading's table of running threads when the greenlet ends, as threading does
-    for its own threads (``threading._active``, which typeshed leaves out)."""
+    for its own threads (``threading._active``, which typeshed leaves out). On CPython 3.13 a
+    dummy Thread whose thread is gone raises RuntimeError from ``is_alive()`` instead."""
     running: dict[int | None, threading.Thread] = vars(threading)["_active"]
-    return not thread.is_alive() or running.get(thread.ident) is not thread
+    if running.get(thread.ident) is not thread:
+        return True
+    try:
+        return not thread.is_alive()
+    except RuntimeError:  # 3.13's _DummyThread.is_alive(): "thread is not alive"
+        return True
