@@ -103,10 +103,14 @@ class Registry:
             entry.handles.discard(handle)
             if len(entry.handles):
                 return None
-            if self._entries.get(entry.key) is entry:
-                del self._entries[entry.key]
-            connection, entry.connection = entry.connection, None
-            entry.thread_channels.clear()
+            return self._forget(entry)
+
+    def _forget(self, entry: SharedConnection) -> Any:
+        """Under the lock, with no handle left: drop ``entry`` and return its connection."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        connection, entry.connection = entry.connection, None
+        entry.thread_channels.clear()
         return connection
 
     def _close_dropped(self, dropped: queue.SimpleQueue[SharedConnection]) -> None:
@@ -117,9 +121,7 @@ class Registry:
             with self._lock:
                 if any(True for _ in entry.handles) or self._entries.get(entry.key) is not entry:
                     continue
-                del self._entries[entry.key]
-                connection, entry.connection = entry.connection, None
-                entry.thread_channels.clear()
+                connection = self._forget(entry)
             if connection is not None:
                 logger.debug("closing the shared connection %r: its handles were dropped "
                              "without release()", entry.key)
