@@ -219,12 +219,11 @@ class Channel(pyamqp.Channel):
     # it is abandoned (see _abandon).
     def open(self) -> Any:
         connection = self.connection
-        if self.is_open or connection is None:
-            return super().open()
         try:
             return super().open()
         except BaseException:
-            self._abandon(connection)
+            if connection is not None:
+                self._abandon(connection)
             raise
 
     # Upstream: closes from the calling thread, which then waits for CloseOk, without a timeout.
