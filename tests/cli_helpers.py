@@ -5,6 +5,7 @@
 * :func:`cli_environment`: what a CLI child needs to import the repository's modules.
 * :func:`connection_ports`: the server-side connections of one name prefix, by name.
 * :func:`example_work`: examples/app.py's ``work`` actor, for the test to send with.
+* :func:`seeded_example`: examples/app.py's queues of a test's own, ``count`` items sent.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dramatiq
 
-from broker_helpers import raw_channel
+from broker_helpers import BrokerEnv, raw_channel, unique
 from stress import rabbit_admin
 from stress.cli_workers import pythonpath
 
@@ -37,6 +39,33 @@ def example_work(broker: Any, queue: str, results_queue: str) -> Any:
     broker.declare_queue(results_queue, ensure=True)
     broker.declare_queue(queue, ensure=True)
     return work
+
+
+@dataclass(frozen=True)
+class ExampleApp:
+    """examples/app.py configured for one test: its queues, its connection name, the
+    environment of a CLI child that runs it, and the test's broker that sent the items."""
+
+    queue: str
+    results_queue: str
+    name: str
+    environ: dict[str, str]
+    sender: Any
+    work: Any
+
+
+def seeded_example(env: BrokerEnv, amqp_url: str, prefix: str, count: int) -> ExampleApp:
+    """examples/app.py's queues named ``prefix...``, with ``work(0)`` to ``work(count - 1)``
+    sent before any CLI starts (``count`` 0: the test sends through ``work`` itself)."""
+    queue, name = unique(prefix), unique(f"{prefix}-app")
+    results_queue = f"{queue}-results"
+    sender = env.broker()
+    work = example_work(sender, queue, results_queue)
+    for item in range(count):
+        work.send(item)
+    environ = cli_environment(amqp_url, EXAMPLE_QUEUE=queue, EXAMPLE_RESULTS_QUEUE=results_queue,
+                              EXAMPLE_CONNECTION_NAME=name)
+    return ExampleApp(queue, results_queue, name, environ, sender, work)
 
 
 class Results:

@@ -6,43 +6,29 @@ processes what the test sends, and exits cleanly (code 0) on SIGTERM.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from broker_helpers import connections_named, unique, wait_until
-from cli_helpers import Results, example_work
+from broker_helpers import connections_named, wait_until
+from cli_helpers import ROOT, Results, seeded_example
 
-ROOT = Path(__file__).resolve().parent.parent
 DRAMATIQ = Path(sys.executable).with_name("dramatiq")
 
 
 def test_example_app_under_the_dramatiq_cli(env, amqp_url, vhost, tmp_path):
-    queue = unique("ex")
-    results_queue = f"{queue}-results"
-    name = unique("example")
-
-    sender = env.broker()
-    work = example_work(sender, queue, results_queue)
+    app = seeded_example(env, amqp_url, "ex", 0)
+    queue, name, sender, work = app.queue, app.name, app.sender, app.work
 
     log = tmp_path / "dramatiq.log"
-    environ = {
-        **os.environ,
-        "AMQP_URL": amqp_url,
-        "EXAMPLE_QUEUE": queue,
-        "EXAMPLE_RESULTS_QUEUE": results_queue,
-        "EXAMPLE_CONNECTION_NAME": name,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
     with log.open("wb") as output:
         process = subprocess.Popen(
             [str(DRAMATIQ), "examples.app", "-p", "2", "-t", "8", "--queues", queue],
-            cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=app.environ, stdout=output, stderr=subprocess.STDOUT,
         )
     try:
-        results = Results(amqp_url, results_queue)
+        results = Results(amqp_url, app.results_queue)
         booted = results.wait(lambda r: len(r.of_kind("boot")) >= 2, timeout=60)
         assert booted, log.read_text()[-3000:]
         pids = sorted(pid for [pid] in results.of_kind("boot"))

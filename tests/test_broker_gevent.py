@@ -16,7 +16,7 @@ import dramatiq
 import pytest
 
 from broker_helpers import connections_named, unique, wait_until
-from cli_helpers import ROOT, Results, cli_environment, connection_ports, example_work
+from cli_helpers import ROOT, Results, cli_environment, connection_ports, seeded_example
 from stress import rabbit_admin
 from stress.cli_send_next import CliSendNext
 from stress.cli_workers import CliWorkers
@@ -61,17 +61,11 @@ def stop_cleanly(workers: CliWorkers) -> None:
 def test_example_app_processes_every_message(env, amqp_url, vhost, tmp_path):
     """The issue's case: examples/app.py (``work`` sends ``record``), 200 greenlets, 500
     messages: all processed, on two connections, and SIGTERM ends the CLI with status 0."""
-    queue, name = unique("gx"), unique("gevent-example")
-    results_queue = f"{queue}-results"
-    sender = env.broker()
-    work = example_work(sender, queue, results_queue)
-    for item in range(500):
-        work.send(item)
-    environ = cli_environment(amqp_url, EXAMPLE_QUEUE=queue, EXAMPLE_RESULTS_QUEUE=results_queue,
-                              EXAMPLE_CONNECTION_NAME=name)
-    with cli("examples.app", environ, tmp_path / "dramatiq-gevent.log", threads=200,
+    app = seeded_example(env, amqp_url, "gx", 500)
+    queue, name, sender = app.queue, app.name, app.sender
+    with cli("examples.app", app.environ, tmp_path / "dramatiq-gevent.log", threads=200,
              queue=queue) as workers:
-        results = Results(amqp_url, results_queue)
+        results = Results(amqp_url, app.results_queue)
         assert results.wait(lambda r: len(r.of_kind("boot")) == 1, BOOT_TIMEOUT), \
             workers.log_tail()
         [[pid]] = results.of_kind("boot")
@@ -226,16 +220,10 @@ def test_sigterm_ends_busy_forked_workers_and_leaves_the_rest_in_the_queue(env, 
     each holds its own two connections; SIGTERM ends the CLI with status 0 within the bound
     (the worker shutdown timeout is 10 s), every message is either done or still in the queue,
     and every connection is closed."""
-    queue, name = unique("gs"), unique("gevent-stop")
-    results_queue = f"{queue}-results"
-    sender = env.broker()
-    work = example_work(sender, queue, results_queue)
-    for item in range(3000):
-        work.send(item)
-    environ = cli_environment(amqp_url, EXAMPLE_QUEUE=queue, EXAMPLE_RESULTS_QUEUE=results_queue,
-                              EXAMPLE_CONNECTION_NAME=name)
-    results = Results(amqp_url, results_queue)
-    with cli("examples.app", environ, tmp_path / "dramatiq-gevent.log", threads=100,
+    app = seeded_example(env, amqp_url, "gs", 3000)
+    queue, name, sender = app.queue, app.name, app.sender
+    results = Results(amqp_url, app.results_queue)
+    with cli("examples.app", app.environ, tmp_path / "dramatiq-gevent.log", threads=100,
              queue=queue, processes=2) as workers:
         booted = results.wait(lambda r: len(r.of_kind("boot")) == 2, BOOT_TIMEOUT)
         assert booted, workers.log_tail()
