@@ -42,6 +42,14 @@ def url_for_vhost(url: str, vhost: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
 
 
+def url_at(url: str, port: int, host: str = "127.0.0.1") -> str:
+    """``url`` with its host and port replaced (a proxy in front of its server)."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def amqp_ports(url: str) -> frozenset[int]:
     """The AMQP ports of ``url``: of every URL of a ``;``-separated failover list (a cluster's
     nodes), so the connections a broker holds are counted on whichever node they sit."""
@@ -249,6 +257,11 @@ class ServerConnectionPoller:
 def int_list(text: str) -> list[int]:
     """An argparse type: ``"1,8,64"`` -> ``[1, 8, 64]``."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse type: ``"0,0.5,5"`` -> ``[0.0, 0.5, 5.0]``."""
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def choice_list(text: str, choices: Iterable[str], option: str) -> tuple[str, ...]:

@@ -1,7 +1,9 @@
 """A TCP proxy on 127.0.0.1 in front of the AMQP server, for network faults (no mocks).
 
 ``pause()`` makes the network silent (nothing forwarded, every socket kept open), ``kill()``
-cuts every forwarded connection. Used by the fault scenarios of ``stress`` and by the tests.
+cuts every forwarded connection; ``delay`` adds a fixed one-way delay in both directions (a
+network between client and server). Used by the fault scenarios and benchmarks of ``stress``
+and by the tests.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import select
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
+
+from stress.delay_line import DelayedSender
 
 AMQP_TARGET = ("127.0.0.1", 5672)
 
@@ -24,6 +29,8 @@ class _Pipe:
         self.client = client
         self.upstream: socket.socket | None = None
         self.closed = threading.Event()
+        #: The two delayed directions (none without a delay); only the pipe's thread adds them.
+        self.senders: list[DelayedSender] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self.thread = threading.Thread(target=self._run, name="test-proxy-pipe", daemon=True)
 
@@ -51,7 +58,7 @@ class _Pipe:
             client.settimeout(None)
         self.upstream = upstream = socket.create_connection(proxy.target, timeout=10)
         upstream.settimeout(None)
-        peer = {client: upstream, upstream: client}
+        forward = self._forwarders(client, upstream)
         while not self.closed.is_set():
             if proxy.paused.is_set():
                 # A silent peer: read nothing, write nothing, keep both sockets open.
@@ -77,8 +84,40 @@ class _Pipe:
                 if not data:
                     if proxy.tls is not None:
                         self._client_tls_ending(client, sock is client)
+                    self._drain()
                     return
-                peer[sock].sendall(data)
+                forward[sock](data)
+
+    def _forwarders(self, client: socket.socket,
+                    upstream: socket.socket) -> dict[socket.socket, Callable[[bytes], None]]:
+        """Per socket, what to do with the bytes read from it: write them to its peer now or,
+        with a delay, hand them to the peer's :class:`DelayedSender`. No Nagle: a proxy that
+        holds small writes back would add delays of its own."""
+        for sock in (client, upstream):
+            with suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        delay = self.proxy.delay
+        if not delay:
+            return {client: upstream.sendall, upstream: client.sendall}
+        to_upstream, to_client = (
+            DelayedSender(sock, delay, paused=self.proxy.paused, on_error=self.close)
+            for sock in (upstream, client))
+        self.senders += [to_upstream, to_client]
+        if self.closed.is_set():  # close() ran before the senders existed
+            self._stop_senders()
+        return {client: to_upstream.send, upstream: to_client.send}
+
+    def _drain(self) -> None:
+        """At an end of stream: let the delayed bytes of both directions out before the pipe
+        closes (the server's last frames, a Close-Ok, are often still on their way)."""
+        for sender in self.senders:
+            sender.drain()
+        for sender in self.senders:
+            sender.thread.join(self.proxy.delay + 5)
+
+    def _stop_senders(self) -> None:
+        for sender in list(self.senders):
+            sender.stop()
 
     def _client_tls_ending(self, client: ssl.SSLSocket, client_ended: bool) -> None:
         """Record how the TLS client ended: "close_notify", "ragged" (TCP end without it) or
@@ -100,6 +139,7 @@ class _Pipe:
 
     def close(self) -> None:
         self.closed.set()
+        self._stop_senders()
         self.wake()
         # Shutting down makes both ends see EOF now, even if the thread is blocked.
         for sock in (self.client, self.upstream):
@@ -109,6 +149,7 @@ class _Pipe:
 
     def _close_sockets(self) -> None:
         self.closed.set()
+        self._stop_senders()
         for sock in (self.client, self.upstream, self._wake_r, self._wake_w):
             if sock is not None:
                 with suppress(OSError):
@@ -121,12 +162,21 @@ class Proxy:
     ``pause()`` stops forwarding in both directions while keeping every socket open (the
     client then sees a silent peer); ``kill()`` cuts every forwarded connection; ``close()``
     stops the proxy. With ``tls`` (a server-side ``ssl.SSLContext``) it terminates TLS.
+    With ``delay`` (seconds, one way) every byte reaches the other end that much later, in
+    both directions and in order (a round trip gains twice the delay); each direction of each
+    connection has its own sender thread, so neither waits for the other, nor for another
+    connection. Not with TLS: an ``SSLSocket`` must not be read and written by two threads.
     """
 
     def __init__(self, target: tuple[str, int] = AMQP_TARGET,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, delay: float = 0.0) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must not be negative, not {delay}")
+        if delay and tls is not None:
+            raise ValueError("a delay and TLS cannot be combined")
         self.target = target
         self.tls = tls
+        self.delay = delay
         self.paused = threading.Event()
         self._lock = threading.Lock()
         self._pipes: set[_Pipe] = set()

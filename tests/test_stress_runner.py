@@ -161,3 +161,29 @@ def test_a_tiny_real_case_runs_in_a_child_and_is_reported(amqp_url_base: str,
     assert "| enqueue, 2 threads | KombuBroker |" in text and "1/1 ok" in text
     assert json.loads((tmp_path / "bench.json").read_text())["cases"][0]["runs"][0]["ok"]
     assert {p.name for p in written} >= {"bench.md", "bench.json", "bench-throughput.png"}
+
+
+def test_bench_celery_latency_option_makes_a_case_per_delay_and_its_own_report(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stress import bench_celery
+    from stress.workloads import celery_publish
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(runner, "run", lambda workload, cases, **kw: calls.append(
+        {"cases": cases, **kw}) or 0)
+    assert bench_celery.main(["--threads", "1,50", "--latency-ms", "0,2.5", "--seconds", "1"]) == 0
+    assert bench_celery.main(["--threads", "8"]) == 0
+    delayed, direct = calls
+    assert delayed["name"] == "bench_celery_latency" and direct["name"] is None
+    assert [(c["label"], c["setup"], c["latency_ms"]) for c in delayed["cases"]] == [
+        ("0 ms each way, 1", "default", 0), ("0 ms each way, 1", "shared", 0),
+        ("0 ms each way, 50", "default", 0), ("0 ms each way, 50", "shared", 0),
+        ("2.5 ms each way, 1", "default", 2.5), ("2.5 ms each way, 1", "shared", 2.5),
+        ("2.5 ms each way, 50", "default", 2.5), ("2.5 ms each way, 50", "shared", 2.5)]
+    assert [(c["label"], c["latency_ms"]) for c in direct["cases"]] == [("8 threads", None)] * 2
+    # A child's case, after JSON: through its delay's proxy, or straight to the server.
+    case = json.loads(json.dumps({**delayed["cases"][-1], "url": "amqp://u:p@rabbit:5672/v",
+                                  "proxy_ports": {"0": 1111, "2.5": 2222}}))
+    assert celery_publish.case_url(case) == "amqp://u:p@127.0.0.1:2222/v"
+    assert celery_publish.case_url({**direct["cases"][0], "url": "amqp://rabbit/v"}) == (
+        "amqp://rabbit/v")

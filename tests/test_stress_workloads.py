@@ -1,12 +1,14 @@
 """The quick KombuBroker cases of the issue-16 workloads run against the real server and report
-sane figures: nothing lost, at most the broker's two connections, nothing left open."""
+sane figures: nothing lost, at most the broker's two connections, nothing left open; the Celery
+publishers through the delaying proxy."""
 
 from __future__ import annotations
 
 from types import ModuleType
 from typing import Any
 
-from stress.workloads import many_queues, thread_churn
+from stress import runner
+from stress.workloads import celery_publish, many_queues, thread_churn
 
 
 def kombu_case(module: ModuleType) -> dict[str, Any]:
@@ -48,3 +50,17 @@ def test_thread_churn_skips_a_case_capped_below_a_quarter_of_its_threads() -> No
     assert thread_churn.too_few(case, 250, "capped from 1000 to 250") is None
     why = thread_churn.too_few(case, 249, "capped from 1000 to 249")
     assert why is not None and why.startswith("capped from 1000 to 249")
+
+
+def test_celery_publishers_through_the_delaying_proxy(amqp_url_base: str) -> None:
+    """Both setups, each in its child process, through the run's 5 ms proxy: every delay()
+    waits for a confirm, so for at least one round trip (10 ms); the shared setup holds one
+    connection, the default one at most its pool's 10."""
+    planned = celery_publish.cases(True, threads=[4], seconds=0.5, latency_ms=[5])
+    results = runner.execute(celery_publish, planned, repeat=1)
+    runs = {item.case["setup"]: item.runs[0] for item in results}
+    assert all(run["ok"] for run in runs.values()), runs
+    for run in runs.values():
+        assert run["published"] > 0 and run["p50"] >= 2 * 0.005
+    assert runs["shared"]["connections"] == 1
+    assert 1 <= runs["default"]["connections"] <= 4

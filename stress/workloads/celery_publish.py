@@ -4,6 +4,11 @@
 N threads call ``delay()`` with publisher confirms for a fixed time, with Celery's default
 settings otherwise (``broker_pool_limit`` 10). "default" is Celery on kombu's transport;
 "shared" is ``broker_url="shared+amqp://..."`` after ``add_shared_amqp_transport()``.
+
+With ``latency_ms``, every case also goes through a ``stress.tcp_proxy`` in the runner's process
+that delays each direction by that many ms (one proxy per delay, both setups through it): on a
+network each pooled connection of the default setup is held for a confirm's round trip, which
+loopback hides.
 """
 
 from __future__ import annotations
@@ -12,11 +17,21 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
-from stress.common import ProcessSampler, amqp_ports, fmt_threads, latency_summary, vhost_session
+from stress import rabbit_admin
+from stress.common import (
+    ProcessSampler,
+    amqp_ports,
+    fmt_threads,
+    latency_summary,
+    url_at,
+    vhost_session,
+)
 from stress.start_line import race, time_calls
+from stress.tcp_proxy import Proxy
 
 NAME = "bench_celery"
 TITLE = "Celery publishers: kombu's amqp transport against shared+amqp"
@@ -28,32 +43,68 @@ SETUP_LABELS = {"default": "Celery on kombu's amqp", "shared": "Celery on shared
 AGGREGATE = {"connections": "max"}
 
 
-def cases(quick: bool, *, threads: list[int] | None = None,
-          seconds: float | None = None) -> list[dict[str, Any]]:
+def cases(quick: bool, *, threads: list[int] | None = None, seconds: float | None = None,
+          latency_ms: list[float] | None = None) -> list[dict[str, Any]]:
+    """Per thread count, one case per setup; with ``latency_ms`` (one-way delays through the
+    proxy, 0 included if wanted), that for each delay, the cases of one delay together."""
     counts = threads or ([1, 8] if quick else [1, 8, 50, 200])
     span = seconds if seconds is not None else (1.0 if quick else 3.0)
-    return [{"setup": setup, "label": fmt_threads(n), "threads": n, "seconds": span,
-             "timeout": 60 + span}
-            for n in counts for setup in SETUP_LABELS]
+    delays: list[float | None] = list(latency_ms) if latency_ms else [None]
+    return [{"setup": setup, "label": label(n, delay), "threads": n, "seconds": span,
+             "latency_ms": delay, "timeout": 60 + span}
+            for delay in delays for n in counts for setup in SETUP_LABELS]
 
 
-def session(planned: list[dict[str, Any]]) -> contextlib.AbstractContextManager[dict[str, str]]:
-    return vhost_session("celery")
+def label(threads: int, delay: float | None) -> str:
+    return fmt_threads(threads) if delay is None else f"{delay:g} ms each way, {threads}"
+
+
+def delay_key(delay: float) -> str:
+    """The key of a delay's proxy port in the session (JSON turns 5 into 5.0, not this)."""
+    return f"{delay:g}"
+
+
+@contextlib.contextmanager
+def session(planned: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """One vhost for the run; for the cases with a delay, a delaying proxy per delay (in this,
+    the runner's, process: the proxy's threads cost the case's process nothing)."""
+    delays = sorted({c["latency_ms"] for c in planned if c.get("latency_ms") is not None})
+    server = urlsplit(rabbit_admin.amqp_url())
+    target = (server.hostname or "127.0.0.1", server.port or 5672)
+    with vhost_session("celery") as shared, contextlib.ExitStack() as proxies:
+        ports = {delay_key(d): proxies.enter_context(Proxy(target, delay=d / 1000)).port
+                 for d in delays}
+        yield {**shared, "proxy_ports": ports}
+
+
+def case_url(case: dict[str, Any]) -> str:
+    """The server's URL for the case's vhost, through its delay's proxy if it has one."""
+    delay = case.get("latency_ms")
+    if delay is None:
+        return str(case["url"])
+    return url_at(case["url"], case["proxy_ports"][delay_key(delay)])
 
 
 def notes(planned: list[dict[str, Any]]) -> list[str]:
-    return [f"Threads calling `delay()` for {planned[0]['seconds']:g} s with publisher confirms, "
-            "Celery's default settings otherwise (broker_pool_limit 10). connections held = "
-            "peak TCP connections of the process to the AMQP port (psutil, every 0.5 s). "
-            "Client CPU/delay = user + system CPU time of the process while publishing, per "
-            "call."]
+    text = [f"Threads calling `delay()` for {planned[0]['seconds']:g} s with publisher "
+            "confirms, Celery's default settings otherwise (broker_pool_limit 10). connections "
+            "held = peak TCP connections of the process to the AMQP port (psutil, every "
+            "0.5 s). Client CPU/delay = user + system CPU time of the process while "
+            "publishing, per call."]
+    if any(c.get("latency_ms") is not None for c in planned):
+        text.append("\"N ms each way, T\": T threads, every byte delayed N ms in each "
+                    "direction by a TCP proxy (stress/tcp_proxy.py, in the runner's process) "
+                    "between the client and RabbitMQ: a round trip gains 2N ms. Both setups "
+                    "of a row go through the same proxy; the 0 ms rows go through it too, "
+                    "without a delay.")
+    return text
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """In the case's own process: publish for ``seconds`` from ``threads`` threads."""
     from celery import Celery
 
-    url = case["url"]
+    url = case_url(case)
     if case["setup"] == "shared":
         import kombu_pyamqp_threadsafe
 
@@ -68,7 +119,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     def noop(n: int) -> None:
         return None
 
-    sampler = ProcessSampler(amqp_ports(case["url"])).start()
+    sampler = ProcessSampler(amqp_ports(url)).start()
     noop.delay(0)  # connect, declare the queue
     stop = threading.Event()
 
