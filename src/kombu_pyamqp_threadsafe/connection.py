@@ -405,12 +405,17 @@ class Connection(pyamqp.Connection):
 
     # Upstream: answers Close-Ok, collects the connection and raises in the reading thread.
     # Here the reader answers and raises; its failure handler wakes and fails every thread.
+    # The Close-Ok is only queued and written if the socket takes it now: written as a
+    # publisher writes, it could wait for the write lock behind a send stuck on a peer that
+    # stopped reading (with the queue full), and nothing would fail the connection then.
     def _on_close(self, reply_code: int, reply_text: str, class_id: int,
                   method_id: int) -> NoReturn:
         if self._reader is None:
             super()._on_close(reply_code, reply_text, class_id, method_id)
+        writer = self.frame_writer
         with suppress(OSError, AMQPError):
-            self.send_method(spec.Connection.CloseOk)
+            writer.queue_method(0, spec.Connection.CloseOk)
+            writer.write_nowait(False)
         raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
 
     # Upstream: calls on_blocked; kombu then notices the block only when it drains the connection
