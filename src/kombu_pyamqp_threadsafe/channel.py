@@ -249,6 +249,13 @@ class Channel(pyamqp.Channel):
             self._abandon(connection, close_args)
             raise
 
+    def close_nowait(self) -> None:
+        """Close without waiting for the Close-Ok, for a channel nobody waits on (a dropped
+        pool lease's): it is abandoned at once (see _abandon)."""
+        connection = self.connection
+        if self.is_open and connection is not None:
+            self._abandon(connection)
+
     # Upstream: a channel whose open or close breaks off stays in the connection's channels,
     # holding its id, and open on the server, held by nobody (close() forgets its connection
     # first, so nothing frees it later). Here it leaves its owner and, if the server has it
