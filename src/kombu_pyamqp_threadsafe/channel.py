@@ -58,6 +58,11 @@ class Channel(pyamqp.Channel):
         self._unconfirmed: dict[int, bool | None] = {}
         #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
         self.confirmed = self.nacked = 0
+        #: What the connection's totals hold of those, and whether the channel was collected
+        #: (both set by ChannelTotals.collect, under its lock).
+        self.moved = (0, 0)
+        self.collected = False
+        self._totals = connection.channel_totals
         try:
             super().__init__(connection, channel_id, *args, **kwargs)
         except BaseException:
@@ -354,6 +359,8 @@ class Channel(pyamqp.Channel):
             self.confirmed += 1
         elif outcome is False:
             self.nacked += 1
+        if self.collected:  # its counts were moved to the totals before this one: move it too
+            self._totals.collect(self)
         if outcome is False:
             raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
         return result
