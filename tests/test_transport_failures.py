@@ -268,6 +268,20 @@ def _send_blocked(thread: threading.Thread, sock) -> bool:
     return in_flush and not select.select([], [sock], [], 0)[1]
 
 
+def _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name):
+    """Pause ``proxy`` (the peer reads nothing more), start ``publisher`` (a message larger
+    than every buffer on the way) until its send is blocked holding the write lock, then queue
+    MAX_QUEUED messages behind it: the next write waits for the lock."""
+    proxy.pause()
+    start_all([publisher])
+    amqp_connection = channel.connection
+    sock = amqp_connection.transport.sock
+    assert poll_until(lambda: _send_blocked(publisher, sock), bool, 20, 0.01)
+    writer = amqp_connection.frame_writer
+    while len(writer._queued) < frames.MAX_QUEUED:
+        publish(channel, b"queued", queue_name)  # the lock is taken: only queued
+
+
 def test_servers_close_fails_every_thread_while_a_send_is_stuck(vhost, connection_name,
                                                                  queue_name, monkeypatch):
     """The reader answers the server's Connection.Close with Close-Ok. When a publisher holds
@@ -307,13 +321,7 @@ def test_servers_close_fails_every_thread_while_a_send_is_stuck(vhost, connectio
             assert subscribed.wait(10)
             provoke_server_close(conn)
             assert arrived.wait(10)
-            proxy.pause()  # the peer reads nothing more
-            start_all([publisher])
-            sock = amqp_connection.transport.sock
-            assert poll_until(lambda: _send_blocked(publisher, sock), bool, 20, 0.01)
-            writer = amqp_connection.frame_writer
-            while len(writer._queued) < frames.MAX_QUEUED:
-                publish(channel, b"queued", queue_name)  # the lock is taken: only queued
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
             release.set()
             assert poll_until(lambda: amqp_connection._failure, bool, 10, 0.01), (
                 "the reader is stuck answering the server's Close")
@@ -328,6 +336,33 @@ def test_servers_close_fails_every_thread_while_a_send_is_stuck(vhost, connectio
 
 
 # ------------------------------------------------------------------------ application close
+
+
+def test_close_ends_a_connection_whose_send_is_stuck_with_the_queue_full(
+        vhost, connection_name, queue_name, monkeypatch):
+    """close() is how the application ends a connection stuck on a peer that stopped reading
+    (with heartbeats off nothing else does). Its Close, written as a publisher writes, waited
+    for the write lock behind the stuck send once MAX_QUEUED messages were queued: close()
+    never returned. It queues its Close, waits CLOSE_TIMEOUT for the Close-Ok and fails the
+    connection, which ends the stuck send."""
+    monkeypatch.setattr(ts_connection, "CLOSE_TIMEOUT", 0.5)  # no Close-Ok comes through
+    with Proxy() as proxy:
+        conn = kombu_connection(url_for(vhost, proxy.port), connection_name)
+        amqp_connection = conn.connection
+        channel = conn.default_channel
+        publisher = Worker(publish, channel, b"x" * (12 << 20), queue_name)
+        closer = Worker(amqp_connection.close)
+        try:
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
+            start_all([closer])
+            assert join_all([closer], 20) == [], "close() waits behind the stuck send"
+            assert closer.error is None, repr(closer.error)
+            assert join_all([publisher], 10) == []
+            assert isinstance(publisher.error, ts.ConnectionClosedError), repr(publisher.error)
+        finally:
+            proxy.kill()
+            join_all([closer, publisher], 10)
+            conn.release()
 
 
 def _close_scenario(conn, monkeypatch):

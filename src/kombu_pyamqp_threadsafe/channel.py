@@ -284,8 +284,12 @@ class Channel(pyamqp.Channel):
         if state is None:
             connection._settle_abandoned(self, None)
         elif state == "open":
+            # Only queued, and written if the socket takes it now (else by the lock's holder
+            # or the reader's next tick): nobody waits for it, so neither does this thread,
+            # for the write lock behind a stuck send either.
             with suppress(AMQPError, OSError):
-                writer(1, channel_id, spec.Channel.Close, dumps("BsBB", close_args), None)
+                writer.queue_method(channel_id, spec.Channel.Close, dumps("BsBB", close_args))
+                writer.write_nowait(False)
 
     # Upstream: when the server's Close crosses ours, answers it and keeps waiting for a Close-Ok
     # that RabbitMQ does not always send. Here the server's Close completes our close.
