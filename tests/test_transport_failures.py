@@ -365,6 +365,32 @@ def test_close_ends_a_connection_whose_send_is_stuck_with_the_queue_full(
             conn.release()
 
 
+def test_channel_close_is_bounded_while_a_send_is_stuck_with_the_queue_full(
+        vhost, connection_name, queue_name, monkeypatch):
+    """Channel.close() waits CLOSE_OK_TIMEOUT for its Close-Ok, but its Close, written as a
+    publisher writes, waited for the write lock behind a send stuck on a peer that stopped
+    reading once MAX_QUEUED messages were queued (dramatiq's worker closes its consumers
+    this way on stopping): without heartbeats, forever. The same bound covers that wait;
+    then the channel is abandoned."""
+    monkeypatch.setattr(ts_channel, "CLOSE_OK_TIMEOUT", 0.5)
+    with Proxy() as proxy:
+        conn = kombu_connection(url_for(vhost, proxy.port), connection_name)
+        channel = conn.default_channel
+        closing = conn.channel()
+        publisher = Worker(publish, channel, b"x" * (12 << 20), queue_name)
+        closer = Worker(closing.close)
+        try:
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
+            start_all([closer])
+            assert join_all([closer], 20) == [], "Channel.close() waits behind the stuck send"
+            assert isinstance(closer.error, TimeoutError), repr(closer.error)
+            assert not closing.is_open
+        finally:
+            proxy.kill()
+            join_all([closer, publisher], 10)
+            conn.release()
+
+
 def _close_scenario(conn, monkeypatch):
     """A thread blocked in drain_events(None), a publisher mid-loop, 100 open channels;
     conn.close() from the main thread, which must return without waiting out a timeout (the

@@ -245,8 +245,14 @@ class Channel(pyamqp.Channel):
             return super().close(reply_code, reply_text, method_sig, argsig)
         self.adopt()
         close_args = (reply_code, reply_text, method_sig[0], method_sig[1])
+        transport = connection.transport
         try:
-            return super().close(reply_code, reply_text, method_sig, argsig)
+            if transport is None:  # torn down: upstream returns, having nothing to write
+                return super().close(reply_code, reply_text, method_sig, argsig)
+            # The Close-Ok's bound also bounds the Close's wait for the write lock (behind a
+            # send stuck on a peer that stopped reading, with the queue full).
+            with transport.having_timeout(bounded(self._close_ok_timeout())):
+                return super().close(reply_code, reply_text, method_sig, argsig)
         except PublishBlockedError:
             self._abandon(connection, close_args)
             return None
