@@ -13,6 +13,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+#: Seconds between looks at a paused proxy's flag by a sender that holds delayed bytes.
+PAUSED_POLL = 0.05
+
 
 class DelayLine:
     """Chunks of one byte stream, each due ``delay`` s after it was put, taken in the order they
@@ -87,7 +90,8 @@ class DelayedSender:
         """The next due bytes, waiting for them; None when the sender is to end."""
         with self._cond:
             while not self._stopped:
-                wait = None
+                # Paused: look again every PAUSED_POLL s (the proxy's resume() wakes no sender).
+                wait: float | None = PAUSED_POLL
                 if not self._paused.is_set():
                     now = self._clock()
                     data = self._line.take(now)

@@ -1,9 +1,9 @@
 """A TCP proxy on 127.0.0.1 in front of the AMQP server, for network faults (no mocks).
 
-``pause()`` makes the network silent (nothing forwarded, every socket kept open), ``kill()``
-cuts every forwarded connection; ``delay`` adds a fixed one-way delay in both directions (a
-network between client and server). Used by the fault scenarios and benchmarks of ``stress``
-and by the tests.
+``pause()`` makes the network silent (nothing forwarded, every socket kept open) until
+``resume()``, ``kill()`` cuts every forwarded connection; ``delay`` adds a fixed one-way delay
+in both directions (a network between client and server). Used by the fault scenarios and
+benchmarks of ``stress`` and by the tests.
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ class _Pipe:
         while not self.closed.is_set():
             if proxy.paused.is_set():
                 # A silent peer: read nothing, write nothing, keep both sockets open.
-                self.closed.wait()
-                return
+                with proxy.resumed:
+                    proxy.resumed.wait_for(lambda: self.closed.is_set()
+                                           or not proxy.paused.is_set())
+                continue
             pending = getattr(client, "pending", None)
             if pending is not None and pending():
                 readable = [client]
@@ -141,6 +143,8 @@ class _Pipe:
         self.closed.set()
         self._stop_senders()
         self.wake()
+        with self.proxy.resumed:
+            self.proxy.resumed.notify_all()
         # Shutting down makes both ends see EOF now, even if the thread is blocked.
         for sock in (self.client, self.upstream):
             if sock is not None:
@@ -160,12 +164,13 @@ class Proxy:
     """A TCP proxy on 127.0.0.1 in front of ``target`` (one thread per connection).
 
     ``pause()`` stops forwarding in both directions while keeping every socket open (the
-    client then sees a silent peer); ``kill()`` cuts every forwarded connection; ``close()``
-    stops the proxy. With ``tls`` (a server-side ``ssl.SSLContext``) it terminates TLS.
-    With ``delay`` (seconds, one way) every byte reaches the other end that much later, in
-    both directions and in order (a round trip gains twice the delay); each direction of each
-    connection has its own sender thread, so neither waits for the other, nor for another
-    connection. Not with TLS: an ``SSLSocket`` must not be read and written by two threads.
+    client then sees a silent peer) until ``resume()``; ``kill()`` cuts every forwarded
+    connection; ``close()`` stops the proxy. With ``tls`` (a server-side ``ssl.SSLContext``)
+    it terminates TLS. With ``delay`` (seconds, one way) every byte reaches the other end that
+    much later, in both directions and in order (a round trip gains twice the delay); each
+    direction of each connection has its own sender thread, so neither waits for the other,
+    nor for another connection. Not with TLS: an ``SSLSocket`` must not be read and written by
+    two threads.
     """
 
     def __init__(self, target: tuple[str, int] = AMQP_TARGET,
@@ -178,6 +183,8 @@ class Proxy:
         self.tls = tls
         self.delay = delay
         self.paused = threading.Event()
+        # Notified when a pause ends or a pipe closes (a paused pipe waits on it).
+        self.resumed = threading.Condition()
         self._lock = threading.Lock()
         self._pipes: set[_Pipe] = set()
         self.accepted = 0
@@ -225,6 +232,12 @@ class Proxy:
             pipes = list(self._pipes)
         for pipe in pipes:
             pipe.wake()
+
+    def resume(self) -> None:
+        """Forward again what the paused connections have not read yet."""
+        with self.resumed:
+            self.paused.clear()
+            self.resumed.notify_all()
 
     def kill(self) -> None:
         with self._lock:

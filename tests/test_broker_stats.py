@@ -120,6 +120,28 @@ def test_a_publish_the_server_nacks_is_counted_as_nacked(connect: Any) -> None:
     assert (stats.published, stats.nacked, stats.confirmed) == (2, 1, 1)
 
 
+def test_a_confirm_counted_as_its_connection_is_collected_is_kept(connect: Any) -> None:
+    """The owner counts a confirm once its wait for it returns. The connection can be
+    collected in between by another thread (the reader's teardown when the connection is lost,
+    close() from another thread): collect() had moved the channel's counts to the connection's
+    totals, and the count went to a channel no stats read any more."""
+    conn = connect(transport_options={"confirm_publish": True})
+    amqp_connection = conn.connection
+    channel = conn.default_channel
+    real_wait = channel._wait_for_confirm
+
+    def wait_then_collected(seq: int, timeout: float | None) -> None:
+        real_wait(seq, timeout)
+        collector = Worker(amqp_connection.collect)
+        start_all([collector])
+        assert join_all([collector], 10) == [] and collector.error is None
+
+    channel._wait_for_confirm = wait_then_collected
+    channel.basic_publish(amqp.Message(b"confirmed"), routing_key="")
+    stats = connection_stats(amqp_connection)
+    assert (stats.state, stats.published, stats.confirmed) == ("closed", 1, 1)
+
+
 def test_a_forced_close_counts_a_reconnect_and_keeps_the_counts(
         env: BrokerEnv, vhost: str) -> None:
     broker = env.broker()

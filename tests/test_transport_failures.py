@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ import pytest
 import kombu_pyamqp_threadsafe as ts
 from kombu_pyamqp_threadsafe import channel as ts_channel
 from kombu_pyamqp_threadsafe import connection as ts_connection
+from kombu_pyamqp_threadsafe import frames
 from stress import rabbit_admin
 from stress.bounded import run_bounded
 from transport_helpers import (
@@ -32,6 +34,7 @@ from transport_helpers import (
     url_for,
     wait_message_count,
 )
+from transport_helpers import poll as poll_until
 
 
 def publish(channel, body, routing_key):
@@ -257,7 +260,135 @@ def test_concurrent_ensure_connection_opens_one_connection_per_failure(vhost, co
             conn.close()
 
 
+def _send_blocked(thread: threading.Thread, sock) -> bool:
+    """``thread`` is in FrameWriter._flush, holding the write lock, and the socket's send
+    buffer is full: its send is blocked."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    in_flush = frame is not None and frame.f_code is frames.FrameWriter._flush.__code__
+    return in_flush and not select.select([], [sock], [], 0)[1]
+
+
+def _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name):
+    """Pause ``proxy`` (the peer reads nothing more), start ``publisher`` (a message larger
+    than every buffer on the way) until its send is blocked holding the write lock, then queue
+    MAX_QUEUED messages behind it: the next write waits for the lock."""
+    proxy.pause()
+    start_all([publisher])
+    amqp_connection = channel.connection
+    sock = amqp_connection.transport.sock
+    assert poll_until(lambda: _send_blocked(publisher, sock), bool, 20, 0.01)
+    writer = amqp_connection.frame_writer
+    while len(writer._queued) < frames.MAX_QUEUED:
+        publish(channel, b"queued", queue_name)  # the lock is taken: only queued
+
+
+def test_servers_close_fails_every_thread_while_a_send_is_stuck(vhost, connection_name,
+                                                                 queue_name, monkeypatch):
+    """The reader answers the server's Connection.Close with Close-Ok. When a publisher holds
+    the write lock, blocked in its send on a peer that stopped reading, and MAX_QUEUED
+    messages wait behind it, a Close-Ok written as a publisher writes waited for that lock:
+    the reader slept there, so nothing failed the connection, and no thread waiting on it
+    was woken (with heartbeats off, ever). The reader only queues its Close-Ok and fails the
+    connection: every thread gets the error, the stuck send included."""
+    arrived, release = threading.Event(), threading.Event()
+    real_on_close = ts_connection.Connection._on_close
+
+    def held_on_close(self, *args):  # the reader has read the server's Close
+        arrived.set()
+        release.wait(10)
+        return real_on_close(self, *args)
+
+    # Before connecting: py-amqp binds its handlers when the connection is made.
+    monkeypatch.setattr(ts_connection.Connection, "_on_close", held_on_close)
+    with Proxy() as proxy:
+        conn = kombu_connection(url_for(vhost, proxy.port), connection_name)
+        amqp_connection = conn.connection
+        channel = conn.default_channel
+        subscribed = threading.Event()
+
+        def drain():
+            own = conn.channel()
+            name = own.queue_declare("", exclusive=True).queue
+            own.basic_consume(name, callback=lambda message: None, no_ack=True)
+            subscribed.set()
+            while True:
+                amqp_connection.drain_events(timeout=None)
+
+        drainer = Worker(drain)
+        publisher = Worker(publish, channel, b"x" * (12 << 20), queue_name)
+        try:
+            start_all([drainer])
+            assert subscribed.wait(10)
+            provoke_server_close(conn)
+            assert arrived.wait(10)
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
+            release.set()
+            assert poll_until(lambda: amqp_connection._failure, bool, 10, 0.01), (
+                "the reader is stuck answering the server's Close")
+            assert join_all([drainer, publisher], 10) == []
+            assert isinstance(drainer.error, ts.ConnectionLostError), repr(drainer.error)
+            assert isinstance(publisher.error, ts.ConnectionLostError), repr(publisher.error)
+        finally:
+            release.set()
+            proxy.kill()
+            join_all([drainer, publisher], 10)
+            conn.release()
+
+
 # ------------------------------------------------------------------------ application close
+
+
+def test_close_ends_a_connection_whose_send_is_stuck_with_the_queue_full(
+        vhost, connection_name, queue_name, monkeypatch):
+    """close() is how the application ends a connection stuck on a peer that stopped reading
+    (with heartbeats off nothing else does). Its Close, written as a publisher writes, waited
+    for the write lock behind the stuck send once MAX_QUEUED messages were queued: close()
+    never returned. It queues its Close, waits CLOSE_TIMEOUT for the Close-Ok and fails the
+    connection, which ends the stuck send."""
+    monkeypatch.setattr(ts_connection, "CLOSE_TIMEOUT", 0.5)  # no Close-Ok comes through
+    with Proxy() as proxy:
+        conn = kombu_connection(url_for(vhost, proxy.port), connection_name)
+        amqp_connection = conn.connection
+        channel = conn.default_channel
+        publisher = Worker(publish, channel, b"x" * (12 << 20), queue_name)
+        closer = Worker(amqp_connection.close)
+        try:
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
+            start_all([closer])
+            assert join_all([closer], 20) == [], "close() waits behind the stuck send"
+            assert closer.error is None, repr(closer.error)
+            assert join_all([publisher], 10) == []
+            assert isinstance(publisher.error, ts.ConnectionClosedError), repr(publisher.error)
+        finally:
+            proxy.kill()
+            join_all([closer, publisher], 10)
+            conn.release()
+
+
+def test_channel_close_is_bounded_while_a_send_is_stuck_with_the_queue_full(
+        vhost, connection_name, queue_name, monkeypatch):
+    """Channel.close() waits CLOSE_OK_TIMEOUT for its Close-Ok, but its Close, written as a
+    publisher writes, waited for the write lock behind a send stuck on a peer that stopped
+    reading once MAX_QUEUED messages were queued (dramatiq's worker closes its consumers
+    this way on stopping): without heartbeats, forever. The same bound covers that wait;
+    then the channel is abandoned."""
+    monkeypatch.setattr(ts_channel, "CLOSE_OK_TIMEOUT", 0.5)
+    with Proxy() as proxy:
+        conn = kombu_connection(url_for(vhost, proxy.port), connection_name)
+        channel = conn.default_channel
+        closing = conn.channel()
+        publisher = Worker(publish, channel, b"x" * (12 << 20), queue_name)
+        closer = Worker(closing.close)
+        try:
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
+            start_all([closer])
+            assert join_all([closer], 20) == [], "Channel.close() waits behind the stuck send"
+            assert isinstance(closer.error, TimeoutError), repr(closer.error)
+            assert not closing.is_open
+        finally:
+            proxy.kill()
+            join_all([closer, publisher], 10)
+            conn.release()
 
 
 def _close_scenario(conn, monkeypatch):

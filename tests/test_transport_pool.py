@@ -9,8 +9,10 @@ import pytest
 from amqp.exceptions import NotFound
 
 import kombu_pyamqp_threadsafe as ts
+from kombu_pyamqp_threadsafe import channel as ts_channel
 from stress.bounded import run_bounded
-from transport_helpers import Worker, join_all, start_all
+from test_transport_failures import _stuck_send_with_the_queue_full, publish
+from transport_helpers import Proxy, Worker, join_all, start_all, url_for
 
 
 def test_pool_under_contention(connect, queue_name):
@@ -203,6 +205,43 @@ def test_a_lease_dropped_without_release_gives_its_channel_back(connect):
         replacement.release()
         kept.release()
     assert pool.in_use == 0
+
+
+@pytest.mark.parametrize("stuck", [False, True], ids=["silent-peer", "stuck-send"])
+def test_acquire_does_not_wait_for_the_close_of_a_dropped_leases_channel(connect, vhost,
+                                                                          queue_name, monkeypatch,
+                                                                          stuck):
+    """acquire() closes the channels of dropped leases once it has its place, outside its
+    timeout: each close waited for its Close-Ok, on a server that answers nothing up to
+    CLOSE_OK_TIMEOUT per channel, however short the caller's timeout; and its Close, written
+    as a publisher writes, waited for the write lock behind a send stuck on that peer once
+    MAX_QUEUED messages were queued. Nobody waits for those channels, so their Close is only
+    queued (the reader collects each channel when its Close-Ok comes, its id reserved until
+    then)."""
+    monkeypatch.setattr(ts_channel, "CLOSE_OK_TIMEOUT", 3600.0)  # a peer that never answers
+    with Proxy() as proxy:
+        conn = connect(url_for(vhost, proxy.port))
+        pool = conn.default_channel_pool
+        idle = pool.acquire(timeout=5)
+        dropped = pool.acquire(timeout=5)
+        orphan = dropped.channel
+        idle.release()
+        del dropped  # never released: the next acquire() closes its channel
+        channel = conn.default_channel
+        publisher = Worker(publish, channel, b"x" * (12 << 20), queue_name)
+        if stuck:
+            _stuck_send_with_the_queue_full(proxy, publisher, channel, queue_name)
+        else:
+            proxy.pause()
+        taker = Worker(lambda: pool.acquire(timeout=1))
+        try:
+            start_all([taker])
+            assert join_all([taker], 20) == [], "acquire() waits for an orphan's Close-Ok"
+            assert taker.error is None, repr(taker.error)
+            assert not orphan.is_open
+        finally:
+            proxy.kill()
+            join_all([thread for thread in (taker, publisher) if thread.ident], 10)
 
 
 def test_a_thread_gets_back_the_channel_it_gave_back(connect):

@@ -8,6 +8,9 @@ Everything runs against the real RabbitMQ; threads synchronise with Events.
 
 from __future__ import annotations
 
+import select
+import signal
+import sys
 import threading
 
 import amqp
@@ -19,7 +22,7 @@ from dramatiq.middleware.threading import raise_thread_exception
 
 from kombu_pyamqp_threadsafe import frames
 from test_transport_routing import publish, wait_message_count
-from transport_helpers import Worker, join_all, start_all
+from transport_helpers import Proxy, Worker, join_all, poll, start_all, url_for
 
 
 def test_combined_writes_leave_no_message_behind(connect, queue_name):
@@ -105,21 +108,17 @@ class Interrupt(BaseException):
     """Stands for dramatiq's TimeLimitExceeded (also raised asynchronously)."""
 
 
-def _interrupt_the_writer(conn, observer, queue_name, send_first):
+def _interrupt_the_writer_before_its_send(conn, observer, queue_name):
     """A writer thread is inside its send (holding the lock) when another thread publishes and
-    the writer is interrupted: before its batch leaves the queue (``send_first`` false) or
-    right after the kernel took it. Returns what the writer raised."""
+    the writer is interrupted before its batch leaves the queue. Returns what it raised."""
     writer = conn.connection.frame_writer
     real_sendmsg = writer._sendmsg
     inside, go_on = threading.Event(), threading.Event()
 
     def gated_sendmsg(buffers):
         if not inside.is_set():  # only the writer thread's first batch waits
-            sent = real_sendmsg(buffers) if send_first else None
             inside.set()
             assert go_on.wait(10)
-            if sent is not None:
-                return sent
         return real_sendmsg(buffers)
 
     ready = threading.Event()
@@ -145,20 +144,59 @@ def _interrupt_the_writer(conn, observer, queue_name, send_first):
     return writer_thread.error
 
 
-@pytest.mark.parametrize("send_first", [False, True], ids=["before-send", "after-send"])
-def test_interrupted_writer_drops_nothing_and_keeps_the_connection(connect, queue_name,
-                                                                   send_first):
-    """Before the send both messages are still queued; after it the writer's batch reached
-    the kernel whole. Either way the interrupted writer writes what is queued on its way out,
-    and the connection is not failed."""
+def test_writer_interrupted_before_its_send_drops_nothing_and_keeps_the_connection(
+        connect, queue_name):
+    """Both messages are still queued: the interrupted writer writes them on its way out, and
+    the connection is not failed."""
     conn = connect()
     observer = connect().default_channel
     conn.default_channel.queue_declare(queue_name, auto_delete=False)
     amqp_connection = conn.connection
-    error = _interrupt_the_writer(conn, observer, queue_name, send_first=send_first)
+    error = _interrupt_the_writer_before_its_send(conn, observer, queue_name)
     assert isinstance(error, Interrupt)
     assert wait_message_count(observer, queue_name, 2) == 2
     assert amqp_connection._failure is None and conn.connection is amqp_connection
+
+
+#: Larger than every buffer between the client and a paused proxy: its send blocks.
+BLOCKING_BODY = 12 << 20
+
+
+def _inside_its_send(thread: threading.Thread, sock) -> bool:
+    """``thread`` is in FrameWriter._flush and the socket's send buffer is full: its message
+    (BLOCKING_BODY) is partly copied and the send is blocked."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    in_flush = frame is not None and frame.f_code is frames.FrameWriter._flush.__code__
+    return in_flush and not select.select([], [sock], [], 0)[1]
+
+
+def test_writer_interrupted_as_its_send_returns_drops_nothing_and_keeps_the_connection(
+        connect, vhost, queue_name):
+    """The writer is blocked in its send (the peer stops reading) when another thread
+    publishes (it only queues) and a TimeLimit is raised in the writer; the peer reads again,
+    the send completes whole and the interrupt lands as ``sendmsg`` returns. The writer
+    writes what is queued on its way out, and the connection is not failed."""
+    with Proxy() as proxy:
+        conn = connect(url_for(vhost, proxy.port))
+        observer = connect().default_channel
+        channel = conn.default_channel
+        channel.queue_declare(queue_name, auto_delete=False)
+        amqp_connection = conn.connection
+        proxy.pause()
+        publisher = Worker(publish, channel, b"x" * BLOCKING_BODY, queue_name)
+        try:
+            start_all([publisher])
+            assert poll(lambda: _inside_its_send(publisher, amqp_connection.transport.sock),
+                        bool, 20, 0.01)
+            publish(channel, b"queued", queue_name)  # the lock is taken: this only queues
+            raise_thread_exception(publisher.ident, Interrupt)  # pending until it runs again
+            proxy.resume()
+            assert join_all([publisher], 20) == []
+        finally:
+            proxy.resume()
+        assert isinstance(publisher.error, Interrupt), repr(publisher.error)
+        assert wait_message_count(observer, queue_name, 2) == 2
+        assert amqp_connection._failure is None and conn.connection is amqp_connection
 
 
 def test_message_queued_while_a_batch_leaves_the_queue_is_written_next(connect, queue_name):
@@ -243,3 +281,34 @@ def test_ack_racing_the_servers_close_of_its_channel_keeps_the_connection(connec
     # The connection survived: this thread's channel was reopened and works.
     assert channel.queue_declare(queue_name, passive=True).message_count == 1
     assert amqp_connection._failure is None and conn.connection is amqp_connection
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_send_cut_short_by_a_signal_then_interrupted_fails_the_connection(connect, vhost,
+                                                                          queue_name):
+    """A signal that hits a worker thread blocked in its send ends ``sendmsg`` early with
+    part of the batch sent (the handler runs in the main thread; the system call returns in
+    the thread the signal hit), and a TimeLimit pending meanwhile lands as ``sendmsg``
+    returns, before its count is stored. The writer took that for a whole batch and wrote
+    nothing more: the server would read the next message as the rest of the cut frame. The
+    connection must fail instead."""
+    with Proxy() as proxy:
+        conn = connect(url_for(vhost, proxy.port))
+        amqp_connection = conn.connection
+        channel = conn.default_channel
+        sock = amqp_connection.transport.sock
+        proxy.pause()  # a silent peer: the send blocks once the buffers on the way are full
+        publisher = Worker(publish, channel, b"x" * BLOCKING_BODY, queue_name)
+        previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+        try:
+            start_all([publisher])
+            assert poll(lambda: _inside_its_send(publisher, sock), bool, 20, 0.01)
+            raise_thread_exception(publisher.ident, Interrupt)  # pending until it runs again
+            signal.pthread_kill(publisher.ident or 0, signal.SIGUSR1)
+            assert join_all([publisher], 10) == []
+            assert isinstance(publisher.error, Interrupt), repr(publisher.error)
+            assert amqp_connection._failure is not None, "a cut-short batch left unfinished"
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+            proxy.kill()
+            join_all([publisher], 10)

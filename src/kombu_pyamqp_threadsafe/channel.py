@@ -58,6 +58,11 @@ class Channel(pyamqp.Channel):
         self._unconfirmed: dict[int, bool | None] = {}
         #: Confirmed publishes acked / nacked by the server (counted by the owner; stats.py).
         self.confirmed = self.nacked = 0
+        #: What the connection's totals hold of those, and whether the channel was collected
+        #: (both set by ChannelTotals.collect, under its lock).
+        self.moved = (0, 0)
+        self.collected = False
+        self._totals = connection.channel_totals
         try:
             super().__init__(connection, channel_id, *args, **kwargs)
         except BaseException:
@@ -240,14 +245,27 @@ class Channel(pyamqp.Channel):
             return super().close(reply_code, reply_text, method_sig, argsig)
         self.adopt()
         close_args = (reply_code, reply_text, method_sig[0], method_sig[1])
+        transport = connection.transport
         try:
-            return super().close(reply_code, reply_text, method_sig, argsig)
+            if transport is None:  # torn down: upstream returns, having nothing to write
+                return super().close(reply_code, reply_text, method_sig, argsig)
+            # The Close-Ok's bound also bounds the Close's wait for the write lock (behind a
+            # send stuck on a peer that stopped reading, with the queue full).
+            with transport.having_timeout(bounded(self._close_ok_timeout())):
+                return super().close(reply_code, reply_text, method_sig, argsig)
         except PublishBlockedError:
             self._abandon(connection, close_args)
             return None
         except BaseException:
             self._abandon(connection, close_args)
             raise
+
+    def close_nowait(self) -> None:
+        """Close without waiting for the Close-Ok, for a channel nobody waits on (a dropped
+        pool lease's): it is abandoned at once (see _abandon)."""
+        connection = self.connection
+        if self.is_open and connection is not None:
+            self._abandon(connection)
 
     # Upstream: a channel whose open or close breaks off stays in the connection's channels,
     # holding its id, and open on the server, held by nobody (close() forgets its connection
@@ -272,8 +290,12 @@ class Channel(pyamqp.Channel):
         if state is None:
             connection._settle_abandoned(self, None)
         elif state == "open":
+            # Only queued, and written if the socket takes it now (else by the lock's holder
+            # or the reader's next tick): nobody waits for it, so neither does this thread,
+            # for the write lock behind a stuck send either.
             with suppress(AMQPError, OSError):
-                writer(1, channel_id, spec.Channel.Close, dumps("BsBB", close_args), None)
+                writer.queue_method(channel_id, spec.Channel.Close, dumps("BsBB", close_args))
+                writer.write_nowait(False)
 
     # Upstream: when the server's Close crosses ours, answers it and keeps waiting for a Close-Ok
     # that RabbitMQ does not always send. Here the server's Close completes our close.
@@ -347,6 +369,8 @@ class Channel(pyamqp.Channel):
             self.confirmed += 1
         elif outcome is False:
             self.nacked += 1
+        if self.collected:  # its counts were moved to the totals before this one: move it too
+            self._totals.collect(self)
         if outcome is False:
             raise MessageNacked(f"broker nacked message {seq} on channel {self.channel_id}")
         return result

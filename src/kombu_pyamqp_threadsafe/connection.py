@@ -24,6 +24,7 @@ from amqp import spec
 from amqp import transport as amqp_transport
 from amqp.exceptions import AMQPError, ResourceError, error_for_code
 from amqp.exceptions import ConnectionError as AMQPConnectionError
+from amqp.serialization import dumps
 from kombu.transport import pyamqp
 
 from . import forksafe
@@ -405,12 +406,17 @@ class Connection(pyamqp.Connection):
 
     # Upstream: answers Close-Ok, collects the connection and raises in the reading thread.
     # Here the reader answers and raises; its failure handler wakes and fails every thread.
+    # The Close-Ok is only queued and written if the socket takes it now: written as a
+    # publisher writes, it could wait for the write lock behind a send stuck on a peer that
+    # stopped reading (with the queue full), and nothing would fail the connection then.
     def _on_close(self, reply_code: int, reply_text: str, class_id: int,
                   method_id: int) -> NoReturn:
         if self._reader is None:
             super()._on_close(reply_code, reply_text, class_id, method_id)
+        writer = self.frame_writer
         with suppress(OSError, AMQPError):
-            self.send_method(spec.Connection.CloseOk)
+            writer.queue_method(0, spec.Connection.CloseOk)
+            writer.write_nowait(False)
         raise error_for_code(reply_code, reply_text, (class_id, method_id), AMQPConnectionError)
 
     # Upstream: calls on_blocked; kombu then notices the block only when it drains the connection
@@ -511,7 +517,10 @@ class Connection(pyamqp.Connection):
         self._teardown()
 
     # Upstream: sends Close and reads until Close-Ok. Here the reader receives the Close-Ok;
-    # this thread waits for it (bounded), then tears the connection down.
+    # this thread waits for it (bounded), then tears the connection down. The Close is only
+    # queued and written if the socket takes it now (else by the lock's holder or the
+    # reader's next tick): close() is how the application ends a connection whose send is
+    # stuck on a peer that stopped reading, so it must not wait for the write lock itself.
     def close(self, reply_code: int = 0, reply_text: str = "", method_sig: tuple[int, int] = (0, 0),
               argsig: str = "BsBB") -> None:
         if self._reader is None:
@@ -522,8 +531,10 @@ class Connection(pyamqp.Connection):
             if self._failure is None:
                 self.is_closing = True
                 try:
-                    self.send_method(spec.Connection.Close, argsig,
-                                     (reply_code, reply_text, method_sig[0], method_sig[1]))
+                    writer = self.frame_writer
+                    writer.queue_method(0, spec.Connection.Close, dumps(
+                        argsig, (reply_code, reply_text, method_sig[0], method_sig[1])))
+                    writer.write_nowait(False)
                     self._close_ok.wait(CLOSE_TIMEOUT)
                 except (OSError, AMQPError):
                     pass

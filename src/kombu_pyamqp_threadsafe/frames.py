@@ -28,6 +28,8 @@ from typing import Any, Protocol, cast
 from amqp import spec
 from amqp.exceptions import UnexpectedFrame
 
+from .tls import TLSSocket
+
 _HEADER = Struct(">BHI")
 _METHOD_SIG = Struct(">HH")
 _CONTENT_HEADER = Struct(">HHQ")
@@ -313,7 +315,8 @@ class FrameWriter:
                 queued.clear()
                 return True
             first = queued[0]
-            sent = kept = None
+            kept = None
+            sent: list[int] = []
             try:
                 if self._sendmsg is None:
                     self._transport.write(queued.popleft())
@@ -326,13 +329,16 @@ class FrameWriter:
                         if not self._sent_nowait(send_nowait, feed, kept, counted):
                             return False
                         continue
-                    sent = self._sendmsg(feed)  # pops the batch as it sends it
-                    if sent < sum(map(len, counted)):  # a signal interrupted the send
-                        self._transport.write(b"".join(kept)[sent:])
+                    # Pops the batch as it sends it. The count is stored by the same C call
+                    # (list.extend of a map): an interrupt landing as sendmsg returns would
+                    # find a count held only on the stack lost.
+                    sent.extend(map(self._sendmsg, (feed,)))
+                    if sent[0] < sum(map(len, counted)):  # a signal interrupted the send
+                        self._transport.write(b"".join(kept)[sent[0]:])
             except BaseException as exc:
                 # Interrupted before the batch left the queue, it is still there for _drain.
                 if not queued or queued[0] is not first:
-                    self._batch_interrupted(exc, sent, kept)
+                    self._batch_interrupted(exc, sent[0] if sent else None, kept)
                 failure = connection._failure
                 if isinstance(exc, OSError) and failure is not None:
                     # The socket was shut because the connection stopped: say why.
@@ -362,11 +368,12 @@ class FrameWriter:
         """An exception with a batch out of the queue: fail the connection unless the batch
         surely reached the kernel whole, for nobody can resend other threads' messages.
 
-        An asynchronous exception lands only between bytecodes, so in a worker thread one that
-        follows ``sendmsg`` means a whole batch was sent (a blocking send returns early only
-        for a signal, and signal handlers run in the main thread only). Over TLS (no ``kept``)
-        the batch is the interrupted thread's own message, as before combining (see the
-        README's Limits).
+        ``sent`` is what ``sendmsg`` returned, None if it raised. A blocking send returns early
+        for a signal in any thread (the handler runs in the main thread, the system call
+        returns in the one the signal hit), so only the count tells a whole batch. A
+        :class:`~.tls.TLSSocket` raising has decided itself: it breaks the stream when it
+        cannot tell. On an ``ssl.SSLSocket`` (no ``kept``) the batch is the interrupted
+        thread's own message, as before combining (see the README's Limits).
         """
         if isinstance(exc, OSError):
             whole = False
@@ -375,7 +382,7 @@ class FrameWriter:
         elif sent is not None:
             whole = sent == sum(map(len, kept))
         else:
-            whole = threading.current_thread() is not threading.main_thread()
+            whole = isinstance(self._transport.sock, TLSSocket)
         if not whole:
             self._connection._on_write_failure(exc)
 

@@ -169,10 +169,12 @@ class ChannelPool:
             self._close(channel)
 
     def _close_orphans(self) -> None:
+        """Close the channels of dropped leases without waiting for their Close-Ok: the
+        caller of acquire() waits for none of them, within its timeout or past it."""
         while self._orphans:
             channel = self._orphans.popleft().channel
             if channel is not None and not self._idle_or_leased(channel):
-                self._close(channel)
+                channel.close_nowait()
 
     def _idle_or_leased(self, channel: Channel) -> bool:
         """The channel of a dropped lease went back before the lease was dropped."""

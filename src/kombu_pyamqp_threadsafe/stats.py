@@ -9,7 +9,8 @@ lock of its own on the hot path:
   the reader thread runs once the handshake is done (deliveries, returns);
 - confirms and nacks of a confirmed publish are counted per channel by its owner thread (the
   only thread that waits for them) and added to the connection's :class:`ChannelTotals` when
-  the channel is collected.
+  the channel is collected; a confirm the owner counts after that (another thread collected
+  the channel as the owner's wait for it returned) is added then.
 
 Other threads read these plain ints and dicts at any time: under the GIL a read sees a whole
 value, at most an increment or two old.
@@ -90,11 +91,19 @@ class ChannelTotals:
         self.lock = threading.Lock()
 
     def collect(self, channel: Any) -> None:
-        """A channel is collected: keep its counts."""
+        """A channel is collected: keep what it counted since the last call. Its owner calls
+        this again for a confirm it counts after the channel was collected by another thread.
+
+        The channel's counters are only ever increased, by its owner alone; ``moved`` marks
+        what is here already. ``collected`` is set before the counts are read, so an owner
+        that counts after this read sees it and moves its count itself."""
         with self.lock:
-            self.confirmed += channel.confirmed
-            self.nacked += channel.nacked
-            channel.confirmed = channel.nacked = 0
+            channel.collected = True
+            confirmed, nacked = channel.confirmed, channel.nacked
+            moved_confirmed, moved_nacked = channel.moved
+            self.confirmed += confirmed - moved_confirmed
+            self.nacked += nacked - moved_nacked
+            channel.moved = (confirmed, nacked)
 
 
 def _count(counts: dict[Any, int], *signatures: Any) -> int:
@@ -109,8 +118,9 @@ def connection_stats(connection: Any) -> ConnectionStats:
                 if channel is not connection]
     totals: ChannelTotals = connection.channel_totals
     with totals.lock:
-        confirmed = totals.confirmed + sum(channel.confirmed for channel in channels)
-        nacked = totals.nacked + sum(channel.nacked for channel in channels)
+        confirmed = totals.confirmed + sum(channel.confirmed - channel.moved[0]
+                                           for channel in channels)
+        nacked = totals.nacked + sum(channel.nacked - channel.moved[1] for channel in channels)
     writer = connection._frame_writer
     sent: dict[Any, int] = getattr(writer, "sent", {})
     received: dict[Any, int] = connection.received

@@ -380,32 +380,34 @@ class TLSSocket:
         first = unsent[0]
         kept, counted, feed = tee(starmap(unsent.popleft, repeat((), min(len(unsent), MAX_IOV))),
                                   3)
-        sent = None
+        sent: list[int] = []
         try:
-            sent = self._sock.sendmsg(feed, (), flags)  # pops the batch as it sends it
+            # Pops the batch as it sends it; the count is stored by the same C call, so an
+            # interrupt landing as sendmsg returns finds it (as in FrameWriter._flush).
+            sent.extend(map(self._sock.sendmsg, (feed,), ((),), (flags,)))
             total = sum(map(len, counted))
-            if sent < total:
-                unsent.appendleft(b"".join(kept)[sent:])
+            if sent[0] < total:
+                unsent.appendleft(b"".join(kept)[sent[0]:])
             return True
         except BlockingIOError:
             unsent.extendleft(reversed(list(kept)))  # nothing was sent (reader thread only)
             return False
         except BaseException as exc:
             left = not unsent or unsent[0] is not first
-            if left and not self._sent_whole(exc, sent, kept):
+            if left and not self._sent_whole(exc, sent[0] if sent else None, kept):
                 self._break(exc)
             raise
 
     @staticmethod
     def _sent_whole(exc: BaseException, sent: int | None, kept: Any) -> bool:
-        """Whether a batch interrupted after leaving ``_unsent`` surely reached the kernel whole:
-        a blocking send returns early only for a signal, and signal handlers run in the main
-        thread only (the same reasoning as FrameWriter's for plain TCP)."""
-        if isinstance(exc, OSError):
+        """Whether a batch interrupted after leaving ``_unsent`` surely reached the kernel whole.
+
+        ``sent`` is what ``sendmsg`` returned, None if it raised. A blocking send returns early
+        for a signal in any thread (the same reasoning as FrameWriter's for plain TCP), so
+        only the count tells a whole batch."""
+        if isinstance(exc, OSError) or sent is None:
             return False
-        if sent is not None:
-            return sent == sum(map(len, kept))
-        return threading.current_thread() is not threading.main_thread()
+        return sent == sum(map(len, kept))
 
     def _break(self, exc: BaseException) -> None:
         """The outbound stream lost bytes or order: never write to it again; shutting the socket
