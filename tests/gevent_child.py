@@ -53,6 +53,8 @@ FLOODS = 20
 MARKERS = 200
 #: Messages each publisher of the native_threads scenario sends.
 NATIVE_PER_PUBLISHER = 100
+#: Greenlets of the write_batching scenario that publish at once.
+BATCHING_PUBLISHERS = 50
 #: Heartbeat interval of the silent_peer scenario (s).
 SILENT_HEARTBEAT = 2
 #: Heartbeat interval of the transport scenario's connection (s); it then idles past 2x this.
@@ -464,6 +466,126 @@ def fork(url: str, name: str) -> dict[str, Any]:
         conn.close()
 
 
+class Interrupt(BaseException):
+    """Stands for gevent's Timeout / dramatiq's time limit, thrown into a greenlet at a yield."""
+
+
+def write_batching(url: str, name: str) -> dict[str, Any]:
+    """The writer under gevent, its sendmsg calls counted: 50 greenlets woken at once each
+    publish one message with confirms; then a greenlet whose publish yields in the writer with
+    the lock held gets an interrupt as it resumes there, while another greenlet has queued its
+    message behind it meanwhile."""
+    conn = ts.KombuConnection(url, transport_options={
+        "confirm_publish": True, "client_properties": {"connection_name": name}})
+    queue = f"gevent-{uuid.uuid4().hex[:8]}"
+    conn.ensure_connection(max_retries=3)
+    conn.default_channel.queue_declare(queue, auto_delete=False)
+    writer = conn.connection._frame_writer
+    sendmsg = writer._sendmsg
+    calls = [0]
+
+    def counting(buffers: Any, *args: Any) -> int:
+        calls[0] += 1
+        return sendmsg(buffers, *args)
+
+    writer._sendmsg = counting
+    ready_first_saved = getattr(writer, "_ready_first", None)
+    arrived: list[str] = []
+    all_ready, go = Event(), Event()
+
+    def warmed_up(who: str, wanted: int) -> Any:
+        """The caller's channel, with one confirmed publish done (Open, Confirm.Select)."""
+        channel = conn.default_channel
+        channel.basic_publish(channel.prepare_message(b"warm-up"), routing_key=queue,
+                              timeout=STEP_TIMEOUT)
+        arrived.append(who)
+        if len(arrived) == wanted:
+            all_ready.set()
+        return channel
+
+    def publish(index: int) -> None:
+        channel = warmed_up(str(index), BATCHING_PUBLISHERS)
+        if not go.wait(STEP_TIMEOUT):
+            raise TimeoutError("no go")
+        channel.basic_publish(channel.prepare_message(b"%d" % index), routing_key=queue,
+                              timeout=STEP_TIMEOUT)
+
+    try:
+        publishers = [gevent.spawn(publish, index) for index in range(BATCHING_PUBLISHERS)]
+        if not all_ready.wait(STEP_TIMEOUT):
+            raise TimeoutError(f"only {len(arrived)} publishers ready")
+        before = calls[0]
+        go.set()
+        joined(publishers, "publishers")
+        batch_calls = calls[0] - before
+
+        arrived.clear()
+        all_ready.clear()
+        go.clear()
+        interrupted_here: list[bool] = []
+        behind_go = Event()
+
+        def interrupted() -> dict[str, Any]:
+            channel = warmed_up("interrupted", 2)
+            if not go.wait(STEP_TIMEOUT):
+                raise TimeoutError("no go")
+            ready_first = getattr(writer, "_ready_first", None)
+            me = gevent.getcurrent()
+
+            def yield_then_interrupt() -> None:
+                assert ready_first is not None
+                ready_first()
+                if gevent.getcurrent() is me and not interrupted_here:
+                    interrupted_here.append(True)
+                    raise Interrupt
+
+            if ready_first is not None:
+                writer._ready_first = yield_then_interrupt
+            behind_go.set()  # runs once this greenlet yields: in the writer, or after it
+            try:
+                channel.basic_publish(channel.prepare_message(b"interrupted"),
+                                      routing_key=queue, timeout=STEP_TIMEOUT)
+                outcome = "returned"
+            except Interrupt:
+                outcome = "Interrupt"
+            free = writer.lock.acquire(blocking=False)
+            if free:
+                writer.lock.release()
+            return {"outcome": outcome, "in_writer": bool(interrupted_here),
+                    "queued_after": len(writer._queued), "lock_free_after": free}
+
+        def behind() -> int:
+            channel = warmed_up("behind", 2)
+            if not behind_go.wait(STEP_TIMEOUT):
+                raise TimeoutError("no go")
+            queued = len(writer._queued)  # the interrupted greenlet's message, in its yield
+            channel.basic_publish(channel.prepare_message(b"behind"), routing_key=queue,
+                                  timeout=STEP_TIMEOUT)
+            return queued
+
+        pair = [gevent.spawn(interrupted), gevent.spawn(behind)]
+        if not all_ready.wait(STEP_TIMEOUT):
+            raise TimeoutError(f"only {arrived} ready")
+        go.set()
+        first, queued_behind = joined(pair, "interrupted and behind")
+        if ready_first_saved is not None:
+            writer._ready_first = ready_first_saved
+        expected = 2 * BATCHING_PUBLISHERS + 4
+        deadline = monotonic() + STEP_TIMEOUT
+        channel = conn.default_channel
+        count = channel.queue_declare(queue, passive=True).message_count
+        while count < expected and monotonic() < deadline:
+            gevent.sleep(0.05)  # the server counting the unconfirmed interrupted publish
+            count = channel.queue_declare(queue, passive=True).message_count
+        return {"publishers": BATCHING_PUBLISHERS, "batch_sendmsg": batch_calls,
+                "interrupted": first, "queued_while_yielding": queued_behind,
+                "expected": expected, "queued": count,
+                "connection_alive": conn.connection._failure is None}
+    finally:
+        conn.default_channel.queue_delete(queue)
+        conn.close()
+
+
 def tls_read_nowait() -> dict[str, Any]:
     """The reader's TLS read when less than a record has arrived: it must say so at once
     (SSLWantReadError, and the reader polls again, heartbeat ticks included), not wait for
@@ -489,7 +611,8 @@ def tls_read_nowait() -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "transport": transport, "broker": broker, "short_lived": short_lived,
     "tls_read_nowait": tls_read_nowait, "fork": fork, "time_limits": time_limits,
-    "native_threads": native_threads, "silent_peer": silent_peer}
+    "native_threads": native_threads, "silent_peer": silent_peer,
+    "write_batching": write_batching}
 
 
 def main() -> None:

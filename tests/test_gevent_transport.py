@@ -125,6 +125,22 @@ def test_time_limits_interrupting_publishers(amqp_url, connection_name):
     assert result["worker_stopped"], result
 
 
+def test_greenlets_publishing_at_once_share_sendmsg_calls(amqp_url, connection_name):
+    """50 greenlets woken at once each publish with confirms: their messages leave in fewer
+    sendmsg calls than messages (the writer holds the lock through one yield, so the others
+    queue behind it). A greenlet interrupted as it resumes from that yield, with another's
+    message queued behind its own, lets go of the lock and writes both once before its
+    exception goes on. Before the change every publish had its own sendmsg (50 calls) and
+    no publish yielded in the writer."""
+    result = run_child("write_batching", amqp_url, connection_name)
+    assert result["batch_sendmsg"] < result["publishers"] // 2, result
+    assert result["interrupted"] == {"outcome": "Interrupt", "in_writer": True,
+                                     "queued_after": 0, "lock_free_after": True}, result
+    assert result["queued_while_yielding"] == 1, result
+    assert result["queued"] == result["expected"], result
+    assert result["connection_alive"], result
+
+
 UNPATCHED = '''
 import sys
 import kombu_pyamqp_threadsafe as ts

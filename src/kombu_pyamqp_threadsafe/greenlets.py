@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 
@@ -28,6 +30,15 @@ def threads_are_greenlets() -> bool:
 def sockets_are_cooperative() -> bool:
     """True once gevent has patched ``socket`` in this process."""
     return _patched("socket")
+
+
+def yield_to_ready() -> Callable[[], None]:
+    """A call that lets every greenlet ready to run go first, once, and then returns
+    (``gevent.sleep(0)``: this greenlet goes to the back of the hub's run queue). Only for a
+    process whose threads are greenlets (gevent is imported here)."""
+    from gevent import sleep  # only in a process that gevent has patched
+
+    return partial(sleep, 0)
 
 
 def system_socket(sock: Any) -> Any:
