@@ -608,11 +608,49 @@ def tls_read_nowait() -> dict[str, Any]:
     return {"outcome": outcome}
 
 
+def pool_release() -> dict[str, Any]:
+    """A channel pool's release() under gevent, without a server: 200 greenlets each give back
+    a lease (no channel: nothing to close) at once. Reports how often a release let another
+    greenlet run (greenlet switches while it ran; its lock is held for part of it) and how
+    many leases are left."""
+    import greenlet
+
+    from kombu_pyamqp_threadsafe.pool import ChannelPool, PooledChannel, _Slot
+
+    pool = ChannelPool(connection=None)
+    leases = [PooledChannel(pool, _Slot(None)) for _ in range(200)]
+    pool._leases.update(leases)
+    switched: list[int] = []
+    start = Event()
+
+    def give_back(lease: PooledChannel) -> None:
+        start.wait()
+        switches = 0
+
+        def count(event: str, args: Any) -> None:
+            nonlocal switches
+            switches += 1
+
+        previous = greenlet.settrace(count)
+        try:
+            lease.release()
+        finally:
+            greenlet.settrace(previous)
+        switched.append(switches)
+
+    greenlets = [gevent.spawn(give_back, lease) for lease in leases]
+    gevent.sleep(0)
+    start.set()
+    joined(greenlets, "releasing greenlets")
+    return {"releases": len(switched), "releases_that_yielded": sum(1 for n in switched if n),
+            "in_use": pool.in_use}
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "transport": transport, "broker": broker, "short_lived": short_lived,
     "tls_read_nowait": tls_read_nowait, "fork": fork, "time_limits": time_limits,
     "native_threads": native_threads, "silent_peer": silent_peer,
-    "write_batching": write_batching}
+    "write_batching": write_batching, "pool_release": pool_release}
 
 
 def main() -> None:

@@ -94,6 +94,16 @@ def test_default_channels_of_ended_greenlets_are_closed(amqp_url, connection_nam
     assert result["open_channels"] <= result["at_once"] + 1, result
 
 
+def test_channel_pool_release_does_not_yield_holding_its_lock():
+    """Giving a channel back lets no other greenlet run while the pool's lock is held. Before
+    the fix each release's notify() asked a plain Lock whether it was held, by a failed
+    acquire(blocking=False), which under gevent yields: after a forced close the sending
+    greenlets queued on the pool's lock one hub iteration apiece, and their sends raised the
+    old connection's failure their whole retry budget later (docs/gevent-findings.md, 3)."""
+    result = run_child("pool_release")
+    assert result == {"releases": 200, "releases_that_yielded": 0, "in_use": 0}, result
+
+
 def test_tls_read_of_an_incomplete_record_does_not_wait():
     """The reader's TLS read with less than a record arrived raises SSLWantReadError at once,
     so the reader polls again and keeps ticking heartbeats. Before the fix gevent's socket

@@ -24,6 +24,21 @@ from .errors import ChannelPoolLimitError
 ORPHAN_CHECK = 1.0
 
 
+def _lock_and_condition() -> tuple[threading.RLock, threading.Condition]:
+    """The pool's lock and the Condition that releases notify on it.
+
+    An RLock, though never taken twice: a Condition asks its lock whether the caller holds it
+    (notify() does, on every release), and a lock that cannot tell (Lock) is probed with a
+    failed acquire(blocking=False), which under gevent's monkey-patching yields to the other
+    greenlets. Each release then let them all run while it held the lock: after a connection
+    failure every sending greenlet gives its channel back at once, they queued on the lock one
+    hub iteration apiece, and their sends ended their whole retry budget later, on the old
+    connection's failure (docs/gevent-findings.md, 3). An RLock answers from its owner.
+    """
+    lock = threading.RLock()
+    return lock, threading.Condition(lock)
+
+
 class _Slot:
     """The channel of one lease; outlives the lease so a dropped lease's channel is found."""
 
@@ -90,8 +105,7 @@ class ChannelPool:
         self.connection = connection
         self.limit = limit
         # Guards _idle and _leases.
-        self._lock = threading.Lock()
-        self._returned = threading.Condition(self._lock)
+        self._lock, self._returned = _lock_and_condition()
         # Idle channels, oldest first (a dict: the channel a thread used last is found at once).
         self._idle: dict[Channel, None] = {}
         # Each thread's last channel: handing it back to the same thread spares moving its
@@ -196,8 +210,7 @@ class ChannelPool:
             self._close(channel)
 
     def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-        self._returned = threading.Condition(self._lock)
+        self._lock, self._returned = _lock_and_condition()
         self._idle = {}
         self._local = threading.local()
         self._leases = weakref.WeakSet()
