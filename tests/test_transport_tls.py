@@ -13,6 +13,7 @@ import select
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -676,6 +677,13 @@ class _Interrupt(Exception):
     """Raised into publisher threads the way dramatiq raises TimeLimit."""
 
 
+def _stacks(threads):
+    """Where each of ``threads`` is now (for an assertion's message)."""
+    frames = sys._current_frames()
+    return {thread.name: "".join(traceback.format_stack(frames[thread.ident]))
+            for thread in threads if thread.ident in frames}
+
+
 def _raise_in(thread, exc_type):
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                ctypes.py_object(exc_type))
@@ -713,37 +721,46 @@ def test_amqps_interrupts_in_publishers_never_corrupt_the_stream(tls_files, tls_
                 conn.drain_events(timeout=0.5)
 
     publishers = []
-    in_flight = []  # per publisher: an interrupt raised into it and not yet caught
-    armed = []  # per publisher: in its loop, where it catches interrupts
+    # The handshake: a publisher takes interrupts only while its window is open, and opens and
+    # closes it inside its try; the raising thread holds the window's lock across its look and
+    # the raise, so every interrupt lands inside the try (never at the loop's jump back, say,
+    # once the publish returned), and the publisher waits there for one raised before it closed.
+    windows = [threading.Lock() for _ in range(8)]  # guards open_ and in_flight[n]
+    open_ = [False] * 8  # per publisher: inside its try, where it catches interrupts
+    in_flight = [False] * 8  # per publisher: an interrupt raised into it and not yet caught
 
     def publisher(n):
         rand = random.Random(n)
         channel = conn.channel()
+        window = windows[n]
         interrupted = 0
-        caught = False
         while True:
             try:
-                armed[n].set()  # inside the try: from here on an interrupt is caught
-                if caught:  # ready for the next one only here, not at the loop's jump back
-                    caught = False
-                    in_flight[n].clear()
-                if stop.is_set():
-                    return interrupted
+                with window:  # no interrupt is pending here: the last one was caught
+                    in_flight[n] = False
+                    if stop.is_set():
+                        return interrupted
+                    open_[n] = True
                 payload = rand.randbytes(rand.choice((100, 2_000, 8_000)))
                 channel.basic_publish(
                     channel.prepare_message(hashlib.sha256(payload).digest() + payload),
                     exchange="", routing_key=queue_name)
+                with window:
+                    open_[n] = False
+                    pending = in_flight[n]
+                # Raised before the window closed: it lands in this loop, still in the try.
+                landing = time.monotonic() + 30
+                while pending and time.monotonic() < landing:
+                    pass
+                assert not pending, "an interrupt raised into the window never landed"
             except _Interrupt as exc:
                 interrupted += 1
                 innermost = traceback.extract_tb(exc.__traceback__)[-1]
                 where.append(os.path.basename(innermost.filename))
-                caught = True
 
     consuming = Worker(consumer, name="tls-consumer")
     consuming.start()
     for n in range(8):
-        in_flight.append(threading.Event())
-        armed.append(threading.Event())
         publishers.append(Worker(publisher, n, name=f"tls-publisher-{n}"))
     start_all(publishers)
     rand = random.Random(0)
@@ -757,21 +774,24 @@ def test_amqps_interrupts_in_publishers_never_corrupt_the_stream(tls_files, tls_
         n = by_ident.get(int(owner.group(1)) if owner else None)
         if n is None or rand.random() < 0.2:
             n = rand.randrange(len(publishers))
-        if in_flight[n].is_set() or not armed[n].is_set():
-            continue
-        in_flight[n].set()
-        _raise_in(publishers[n], _Interrupt)
+        with windows[n]:
+            if in_flight[n] or not open_[n]:
+                continue
+            in_flight[n] = True
+            _raise_in(publishers[n], _Interrupt)
         raised += 1
         for _ in range(rand.randrange(20_000)):  # let it run a random while
             pass
-    # Every interrupt caught, then stop.
+    # Every interrupt caught (its publisher is back at the top of its try), then stop.
     deadline = time.monotonic() + 30
-    while any(event.is_set() for event in in_flight) and time.monotonic() < deadline:
+    while any(in_flight) and time.monotonic() < deadline:
         time.sleep(0.01)
     stop.set()
     try:
-        assert join_all(publishers, 30) == []
-        assert [repr(w.error) for w in publishers if w.error is not None] == []
+        stuck = join_all(publishers, 30)
+        assert stuck == [], _stacks(stuck)
+        assert ["".join(traceback.format_exception(w.error)) for w in publishers
+                if w.error is not None] == []
         assert raised == 200
         assert sum(w.result for w in publishers) == 200
         assert conn.connected
