@@ -237,7 +237,7 @@ def test_message_an_interrupt_leaves_queued_is_written_without_another_publish(c
     def interrupted_drain(real):
         raise Interrupt  # as TimeLimit landing before the drain's first bytecode
 
-    _once(writer, "_drain", interrupted_drain)
+    _once(writer, "_drain_queued", interrupted_drain)
     with pytest.raises(Interrupt):
         publish(channel, b"stranded", queue_name)
     assert len(writer._queued) == 1, "the hook did not strand the message"
