@@ -7,17 +7,24 @@
   Here for three heartbeat intervals of 2 s; ``python -m stress.faults --idle 600`` for ten
   minutes with the default heartbeat.
 * Threads that used a channel and ended leave no file descriptor open.
+* An interrupt (dramatiq's TimeLimit) landing at any bytecode of a publisher waiting out a
+  connection.blocked leaves no lock held that the reader needs, and comes out as itself.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import uuid
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import pytest
 
+from kombu_pyamqp_threadsafe.flow import FlowControl, PublishBlockedError
 from stress.fault_scenarios.context import PYTEST_SCALE, Context
 from stress.fault_scenarios.hygiene import fault_loop
 from stress.fault_scenarios.idle import idle_case
@@ -92,3 +99,61 @@ def test_threads_that_used_a_channel_leave_no_descriptor_behind(amqp_url):
     assert after <= before + 2, (
         f"{after - before} descriptors left open by 100 ended threads (freed only by the "
         f"cyclic GC)")
+
+
+class Interrupt(BaseException):
+    """Stands for dramatiq's TimeLimit, raised at one chosen bytecode."""
+
+
+def _interrupt_at(nth: int, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` raising Interrupt at the ``nth`` opcode it (and what it calls) executes;
+    returns what came out (None when it returned)."""
+    seen = 0
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal seen
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            seen += 1
+            if seen == nth:
+                raise Interrupt(nth)
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        call()
+    except BaseException as exc:
+        return exc
+    finally:
+        sys.settrace(previous)
+    return None
+
+
+def _returns(action: Callable[[], object]) -> bool:
+    """Whether ``action`` returns within 5 s in another thread (as the reader would run it)."""
+    done = threading.Event()
+
+    def run() -> None:
+        action()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(5.0)
+
+
+@pytest.mark.parametrize("wake", ["unblock", "end"])
+def test_publisher_interrupted_anywhere_in_a_blocked_wait_leaves_the_reader_free(wake):
+    outcome: BaseException | None = Interrupt(0)
+    nth = 0
+    while isinstance(outcome, Interrupt):
+        nth += 1
+        assert nth < 10_000, "the wait never completed"
+        flow = FlowControl("test", timeout=0.01)
+        flow.block("low on memory")
+        outcome = _interrupt_at(nth, flow.wait_before_write)
+        assert isinstance(outcome, (Interrupt, PublishBlockedError)), (nth, outcome)
+        assert _returns(getattr(flow, wake)), f"{wake}() hangs after an interrupt at {nth}"
+        assert not flow.blocked
+        flow.wait_before_write()
+    assert nth > 1

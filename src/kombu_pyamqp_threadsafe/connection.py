@@ -567,8 +567,8 @@ class Connection(pyamqp.Connection):
         self._local = threading.local()
         self._reader = None
         # Locks a parent's thread may have held at fork(), which collecting the inherited
-        # connection here takes: each channel's mailbox's and the totals'. The flow Event's
-        # Condition, and close()'s Event, likewise (_fail() sets them).
+        # connection here takes: each channel's mailbox's and the totals'. close()'s Event
+        # likewise (_fail() sets it); the flow state is reopened (it holds no lock).
         self.channel_totals._after_fork_in_child()
         self.flow._after_fork_in_child()
         self._close_ok = threading.Event()

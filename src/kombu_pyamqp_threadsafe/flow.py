@@ -15,12 +15,20 @@ This module holds the state only (no I/O), so it is tested without a socket.
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from time import monotonic
 
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
 logger = logging.getLogger(__name__)
+
+#: How often a publisher waiting out a block looks at the flag again. It polls instead of
+#: waiting on a threading.Event: Event.wait enters a Python-level Condition, and an async
+#: exception (dramatiq's TimeLimit) landing just after its lock is acquired leaks that lock,
+#: so the reader's next unblock() (Event.set) would hang and with it the whole connection.
+#: A sleep holds no lock (and yields under gevent); this bounds how late a publisher sees
+#: the unblock.
+POLL = 0.05
 
 
 class PublishBlockedError(AMQPConnectionError):
@@ -39,11 +47,11 @@ class PublishBlockedError(AMQPConnectionError):
 
 
 class FlowControl:
-    """Blocked or not, set by the reader thread, waited on by publishers.
+    """Blocked or not, set by the reader thread, polled by publishers.
 
-    ``_open`` is set while publishing is allowed: the publisher's fast path is one flag read,
-    no lock. Its Condition (inside the Event) is the only lock here, taken on block/unblock
-    and by publishers that have to wait.
+    ``_open`` is True while publishing is allowed (or the connection has ended): a plain
+    flag, written only by the reader (or fork), read without a lock, so no interrupted
+    publisher can leave anything held that the reader needs.
     """
 
     def __init__(self, name: str, timeout: float | None = None) -> None:
@@ -53,8 +61,7 @@ class FlowControl:
         self.name = name
         #: Longest a publisher waits while blocked (None: until unblocked or the connection ends).
         self.timeout = timeout
-        self._open = threading.Event()
-        self._open.set()
+        self._open = True
         #: The server's reason while blocked, else None.
         self.reason: str | None = None
         #: monotonic() when the current block began (0.0 when not blocked).
@@ -64,7 +71,7 @@ class FlowControl:
 
     @property
     def blocked(self) -> bool:
-        return not self._open.is_set()
+        return not self._open
 
     # -- the reader thread -----------------------------------------------------------------
 
@@ -76,7 +83,7 @@ class FlowControl:
         self.reason = reason or "connection blocked"
         self.since = monotonic()
         self.blocks += 1
-        self._open.clear()
+        self._open = False
         logger.warning("AMQP server %s blocks publishing on this connection: %s; sends wait "
                        "up to %s", self.name, self.reason,
                        "unblocked" if self.timeout is None else f"{self.timeout} s")
@@ -89,19 +96,18 @@ class FlowControl:
         logger.warning("AMQP server %s unblocked publishing after %.1f s (was: %s)", self.name,
                        monotonic() - self.since, self.reason)
         # Opened first: a publisher that read ``since`` of this block then sees it open.
-        self._open.set()
+        self._open = True
         self.reason = None
         self.since = 0.0
 
     def end(self) -> None:
         """The connection stopped: wake every waiting publisher (its write then fails)."""
-        self._open.set()
+        self._open = True
 
     def _after_fork_in_child(self) -> None:
-        """Called by the inherited connection: a parent's publisher may have been inside the
-        Event's Condition at fork(); the child's connection has failed, so it is open."""
-        self._open = threading.Event()
-        self._open.set()
+        """Called by the inherited connection: the child's connection has failed, so it is
+        open (its publishers' writes then fail). No lock to replace: publishers poll."""
+        self._open = True
 
     # -- publishers ------------------------------------------------------------------------
 
@@ -113,12 +119,20 @@ class FlowControl:
         Connection.Blocked as it stops reading, so a declare or a channel open written now
         would wait for its reply until the alarm clears.
         """
-        if self._open.is_set():
+        if self._open:
             return
         limit = _shorter(self.timeout, timeout)
         started = monotonic()
-        if not self._open.wait(limit):
-            raise PublishBlockedError(self.reason or "connection blocked", monotonic() - started)
+        while not self._open:
+            if limit is None:
+                nap = POLL
+            else:
+                nap = started + limit - monotonic()
+                if nap <= 0:
+                    raise PublishBlockedError(self.reason or "connection blocked",
+                                              monotonic() - started)
+            # time.sleep looked up at each call: gevent's monkey-patching replaces it.
+            time.sleep(min(POLL, nap))
 
     def bound_confirm_wait(self, remaining: float | None) -> float | None:
         """How long a wait for a confirm (or another reply) may block now: ``remaining``, or
@@ -130,7 +144,7 @@ class FlowControl:
         raises PublishBlockedError (the server may still act on it: the outcome is unknown).
         """
         since = self.since  # read before the flag: see unblock()
-        if not since or self._open.is_set() or self.timeout is None:
+        if not since or self._open or self.timeout is None:
             return remaining
         left = since + self.timeout - monotonic()
         if left <= 0:
