@@ -8,23 +8,30 @@
   minutes with the default heartbeat.
 * Threads that used a channel and ended leave no file descriptor open.
 * An interrupt (dramatiq's TimeLimit) landing at any bytecode of a publisher waiting out a
-  connection.blocked leaves no lock held that the reader needs, and comes out as itself.
+  connection.blocked, or a TLS renegotiation, leaves no lock held that the reader needs,
+  and comes out as itself.
 """
 
 from __future__ import annotations
 
+import dis
 import gc
+import linecache
 import os
+import socket
+import ssl
 import sys
 import threading
 import uuid
 from collections.abc import Callable
+from functools import partial
 from types import FrameType
 from typing import Any
 
 import pytest
 
 from kombu_pyamqp_threadsafe.flow import FlowControl, PublishBlockedError
+from kombu_pyamqp_threadsafe.tls import TLSSocket
 from stress.fault_scenarios.context import PYTEST_SCALE, Context
 from stress.fault_scenarios.hygiene import fault_loop
 from stress.fault_scenarios.idle import idle_case
@@ -101,19 +108,35 @@ def test_threads_that_used_a_channel_leave_no_descriptor_behind(amqp_url):
         f"cyclic GC)")
 
 
+_NOP = dis.opmap["NOP"]
+
+
+def _passed_over(frame: FrameType) -> bool:
+    if frame.f_code.co_code[frame.f_lasti] == _NOP:
+        return True
+    lineno = frame.f_lineno
+    line = linecache.getline(frame.f_code.co_filename, lineno).strip() if lineno else ""
+    return line.startswith("with ") and line.endswith("lock:")
+
+
 class Interrupt(BaseException):
     """Stands for dramatiq's TimeLimit, raised at one chosen bytecode."""
 
 
 def _interrupt_at(nth: int, call: Callable[[], object]) -> BaseException | None:
     """Run ``call`` raising Interrupt at the ``nth`` opcode it (and what it calls) executes;
-    returns what came out (None when it returned)."""
+    returns what came out (None when it returned).
+
+    Passed over, as CPython delivers async exceptions only at calls and backward jumps: NOPs
+    (3.11 leaves the NOP of a ``try:`` opening a ``with`` body outside the ``with``'s
+    handler) and the glue of ``with <a C lock>:`` around its C enter and exit.
+    """
     seen = 0
 
     def trace(frame: FrameType, event: str, arg: Any) -> Any:
         nonlocal seen
         frame.f_trace_opcodes = True
-        if event == "opcode":
+        if event == "opcode" and not _passed_over(frame):
             seen += 1
             if seen == nth:
                 raise Interrupt(nth)
@@ -156,4 +179,29 @@ def test_publisher_interrupted_anywhere_in_a_blocked_wait_leaves_the_reader_free
         assert _returns(getattr(flow, wake)), f"{wake}() hangs after an interrupt at {nth}"
         assert not flow.blocked
         flow.wait_before_write()
+    assert nth > 1
+
+
+class _Renegotiating:
+    """An SSLObject in a TLS 1.2 renegotiation that never completes: every write wants a read."""
+
+    def write(self, data: object) -> int:
+        raise ssl.SSLWantReadError("renegotiating")
+
+
+def test_write_interrupted_anywhere_in_a_renegotiation_wait_leaves_the_tls_lock_free():
+    outcome: BaseException | None = Interrupt(0)
+    nth = 0
+    while isinstance(outcome, Interrupt):
+        nth += 1
+        assert nth < 10_000, "the wait never completed"
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            tls = TLSSocket(ours, ssl.create_default_context(), timeout=0.01)
+            tls._ssl = _Renegotiating()
+            outcome = _interrupt_at(nth, partial(tls._encrypt, [b"payload"]))
+            assert isinstance(outcome, (Interrupt, TimeoutError)), (nth, outcome)
+            # What the reader takes to decrypt (and wake a renegotiating write).
+            assert tls._tls_lock.acquire(blocking=False), f"TLS lock leaked at {nth}"
+            tls._tls_lock.release()
     assert nth > 1

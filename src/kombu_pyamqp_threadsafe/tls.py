@@ -29,6 +29,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from contextlib import suppress
@@ -46,6 +47,9 @@ RECV_SIZE = 64 * 1024
 MAX_IOV = 512
 #: How long a write waits for a TLS 1.2 renegotiation to let it go on, when no bound is given.
 RENEGOTIATION_TIMEOUT = 30.0
+#: How often a write waiting out a renegotiation looks whether the reader has decrypted
+#: since (a poll holds no lock an async exception could leak; renegotiations are rare).
+RENEGOTIATION_POLL = 0.05
 
 _EOF_ERRORS = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 
@@ -76,11 +80,8 @@ class TLSSocket:
         # Guards the TLS object, both BIOs and the fields next to them: held only while
         # encrypting, decrypting or moving ciphertext, never across a socket call.
         self._tls_lock = threading.Lock()
-        # Wakes a write that waits for the reader to move a renegotiation on (over _tls_lock).
-        self._progress = threading.Condition(self._tls_lock)
-        # Decrypting calls so far, and writes waiting for the next one (under _tls_lock).
+        # Decrypting calls so far (written under _tls_lock; a renegotiating write polls it).
         self._reads = 0
-        self._waiting = 0
         # Ciphertext taken from the outgoing BIO, in the order it was made, not yet sent
         # (appended under _tls_lock, taken from the left only under _send_lock).
         self._unsent: deque[bytes] = deque()
@@ -210,8 +211,6 @@ class TLSSocket:
                 got = self._read_into(view, size)
             finally:
                 self._reads += 1
-                if self._waiting:
-                    self._progress.notify_all()
                 produced = self._outgoing.pending
                 if produced:
                     # TLS 1.2 renegotiation (or a TLS 1.3 reply) made records while reading.
@@ -326,19 +325,15 @@ class TLSSocket:
                 if deadline is None:
                     deadline = monotonic() + self._renegotiation_timeout
                 self._send_unsent()
-
-                def read_since(seen: int = seen) -> bool:
-                    return self._reads != seen
-
-                with self._progress:
-                    self._waiting += 1
-                    try:
-                        moved = self._progress.wait_for(read_since,
-                                                        max(0.0, deadline - monotonic()))
-                    finally:
-                        self._waiting -= 1
-                if not moved:
-                    raise TimeoutError("TLS renegotiation did not complete")
+                # Polled, not a Condition over _tls_lock: an async exception landing in the
+                # Python-level Condition just after it took the lock would leak it, and the
+                # reader would hang on its next decrypt.
+                while self._reads == seen:
+                    left = deadline - monotonic()
+                    if left <= 0:
+                        raise TimeoutError("TLS renegotiation did not complete")
+                    # time.sleep looked up at each call: gevent's monkey-patching replaces it.
+                    time.sleep(min(RENEGOTIATION_POLL, left))
             except BaseException as exc:
                 # The failed write was never repeated: the stream cannot go on.
                 self._break(exc)
