@@ -167,4 +167,9 @@ def test_kill_cuts_a_delayed_connection_with_bytes_still_queued() -> None:
             assert reached.wait(10)  # the proxy is connected upstream
             client.sendall(b"due in 30 s")
             proxy.kill()
-            assert client.recv(10) == b""
+            # Cut: an end of stream, or a reset when the proxy closed with these bytes unread.
+            try:
+                data = client.recv(10)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""
